@@ -1,0 +1,91 @@
+"""Argument checks for the Python-side paths (the reference backend, layouts, init).
+
+The C++ operators run the same checks themselves (csrc/plan.cpp), with the same wording, so that a
+direct ``torch.ops.catalyst_fused`` call is as safe as the public functions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def as_tensor_list(values, name: str) -> list[torch.Tensor]:
+    if isinstance(values, torch.Tensor):
+        raise TypeError(f"catalyst_fused: {name} must be a sequence of tensors, got a single tensor; wrap it in a list")
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"catalyst_fused: {name} must be a sequence of tensors, got {type(values).__name__}") from None
+    if not out:
+        raise ValueError(f"catalyst_fused: {name} must be a non-empty sequence of tensors")
+    for i, v in enumerate(out):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"catalyst_fused: {name}[{i}] must be a torch.Tensor, got {type(v).__name__}")
+    return out
+
+
+def check_penalty_args(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], per_row: bool) -> None:
+    """Same rules and messages as csrc/plan.cpp (contiguity excepted: the reference takes any strides)."""
+    first = weights[0]
+    if not first.is_floating_point():
+        raise TypeError(f"catalyst_fused: weights[0] must be a floating-point tensor, got {first.dtype}")
+    for i, w in enumerate(weights):
+        if w.dtype != first.dtype:
+            raise TypeError(
+                f"catalyst_fused: weights[{i}] has dtype {w.dtype} but weights[0] has dtype {first.dtype}; "
+                "all weights and catalysts must share one dtype"
+            )
+        if w.device != first.device:
+            raise ValueError(f"catalyst_fused: weights[{i}] is on {w.device} but weights[0] is on {first.device}")
+        if w.dim() < 1:
+            raise ValueError(
+                f"catalyst_fused: weights[{i}] must have at least one dimension (channels along dim 0), got a 0-d tensor"
+            )
+    for i, d in enumerate(catalysts):
+        if d.dtype != first.dtype:
+            raise TypeError(
+                f"catalyst_fused: catalysts[{i}] has dtype {d.dtype} but weights[0] has dtype {first.dtype}; "
+                "all weights and catalysts must share one dtype"
+            )
+        if d.device != first.device:
+            raise ValueError(f"catalyst_fused: catalysts[{i}] is on {d.device} but weights[0] is on {first.device}")
+        if d.dim() != 1:
+            raise ValueError(f"catalyst_fused: catalysts[{i}] must be 1-D, got shape {tuple(d.shape)}")
+    if per_row:
+        if len(weights) != len(catalysts):
+            raise ValueError(
+                f"catalyst_fused: got {len(weights)} weights but {len(catalysts)} catalysts; "
+                "the per-row layout needs one catalyst vector per weight"
+            )
+        for i, (w, d) in enumerate(zip(weights, catalysts)):
+            if d.numel() != w.shape[0]:
+                raise ValueError(
+                    f"catalyst_fused: catalysts[{i}] has {d.numel()} entries but weights[{i}] has {w.shape[0]} "
+                    f"channels (dim 0 of shape {tuple(w.shape)})"
+                )
+
+
+NAN_POLICIES = ("propagate", "raise")
+
+
+def check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"catalyst_fused: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+
+
+def raise_if_not_finite(catalysts, norms: torch.Tensor, segment_sizes) -> None:
+    """nan_policy='raise': names the first catalyst segment whose norms or catalysts are NaN/Inf."""
+    offset = 0
+    for s, size in enumerate(segment_sizes):
+        n = norms[offset : offset + size]
+        if not bool(torch.isfinite(n).all()):
+            j = int((~torch.isfinite(n)).nonzero()[0])
+            raise ValueError(
+                f"catalyst_fused: group {j} of segment {s} has a non-finite norm ({float(n[j])}): "
+                "the weights feeding it contain NaN or Inf"
+            )
+        if not bool(torch.isfinite(catalysts[s]).all()):
+            j = int((~torch.isfinite(catalysts[s])).nonzero()[0])
+            raise ValueError(f"catalyst_fused: catalysts[{s}][{j}] is {float(catalysts[s][j])}")
+        offset += size

@@ -1,0 +1,199 @@
+"""Public functions: the penalty (autograd and in-place), group norms and catalyst initialisation."""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import operators, reference
+from ._validation import as_tensor_list, check_nan_policy, check_penalty_args, raise_if_not_finite
+from .layout import GroupLayout
+
+__all__ = [
+    "PenaltyStats",
+    "BACKENDS",
+    "penalty",
+    "penalty_",
+    "group_norms",
+    "init_catalysts",
+    "resolve_backend",
+    "split_per_weight",
+]
+
+BACKENDS = ("auto", "cpp", "reference")
+
+
+class PenaltyStats(NamedTuple):
+    """What one penalty call computes. ``norms`` and ``ratios`` are flat over all groups (segments in
+    order; ``layout.split`` or :func:`split_per_weight` cut them) and detached."""
+
+    penalty: torch.Tensor
+    norms: torch.Tensor
+    ratios: torch.Tensor
+
+
+_warned_fallback = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that ``backend`` means for tensors on ``device``: "cpp" or "reference"."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"catalyst_fused: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "cpp":
+        if not operators.cpp_available():
+            raise RuntimeError(
+                f"catalyst_fused: backend='cpp' needs the compiled extension, which failed to import: "
+                f"{operators.CPP_IMPORT_ERROR}. Install the package with `pip install --no-build-isolation .`"
+            )
+        return "cpp"
+    # auto
+    if device.type == "cpu" and operators.cpp_available():
+        return "cpp"
+    if device.type == "cpu" and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"catalyst_fused: the compiled extension is not available ({operators.CPP_IMPORT_ERROR}); "
+            "using the plain-PyTorch reference, which is correct but slow",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+def _prepare(weights, catalysts, layout, nan_policy):
+    weights = as_tensor_list(weights, "weights")
+    catalysts = as_tensor_list(catalysts, "catalysts")
+    check_nan_policy(nan_policy)
+    if layout is not None:
+        if not isinstance(layout, GroupLayout):
+            raise TypeError(f"catalyst_fused: layout must be a GroupLayout or None, got {type(layout).__name__}")
+        layout.check(weights, catalysts)
+    return weights, catalysts
+
+
+def _segment_sizes(catalysts):
+    return [d.shape[0] for d in catalysts]
+
+
+def penalty(
+    weights: Sequence[torch.Tensor],
+    catalysts: Sequence[torch.Tensor],
+    *,
+    layout: Optional[GroupLayout] = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+    nan_policy: str = "propagate",
+):
+    """``R = sum_i |d_i| * ||F_i||_2`` over every group of every weight, differentiable with respect to all
+    weights and catalysts.
+
+    Args:
+        weights: tensors whose dim-0 slices (rows) are the channels (conv ``[N, C, k, k]``, linear
+            ``[N, M]``, BN scale ``[N]``), or whatever ``layout`` says.
+        catalysts: one 1-D tensor per weight (``[N]``), or one per layout segment.
+        layout: a :class:`GroupLayout` for groups spanning several tensors or input columns.
+        return_stats: also return the group norms ``n`` and ratios ``c = |d| / n`` of the same pass, as
+            a :class:`PenaltyStats`.
+        backend: "auto" (the C++ kernels for CPU tensors), "cpp" or "reference" (plain PyTorch).
+        nan_policy: "propagate" (NaN/Inf in the inputs make the penalty and the affected norms NaN/Inf)
+            or "raise" (a ValueError naming the segment and group; costs one device sync).
+
+    The penalty, norms and ratios are in the accumulation dtype: fp32 for fp16/bf16 inputs.
+    Non-contiguous weights are copied (``.contiguous()``) before the kernel runs.
+    """
+    weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
+    if resolve_backend(backend, weights[0].device) == "reference":
+        check_penalty_args(weights, catalysts, per_row=layout is None)
+        stats = PenaltyStats(*reference.penalty_with_stats(weights, catalysts, layout))
+    else:
+        weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
+        plan = None if layout is None else layout.member_table
+        value, norms, ratios = torch.ops.catalyst_fused.penalty_forward(weights, catalysts, plan)
+        stats = PenaltyStats(value, norms.detach(), ratios.detach())
+    if nan_policy == "raise":
+        raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
+    return stats if return_stats else stats.penalty
+
+
+def penalty_(
+    weights: Sequence[torch.Tensor],
+    catalysts: Sequence[torch.Tensor],
+    *,
+    scale: float = 1.0,
+    layout: Optional[GroupLayout] = None,
+    backend: str = "auto",
+    nan_policy: str = "propagate",
+) -> PenaltyStats:
+    """Adds ``scale * dR/dW`` into every ``w.grad`` and ``scale * dR/dd`` into every ``d.grad`` in one
+    fused call, without building an autograd graph, and returns the (detached) :class:`PenaltyStats`.
+
+    Missing ``.grad`` tensors are created as zeros. Call it after ``loss.backward()`` and before
+    ``optimizer.step()``, with ``scale = gamma``. With AMP's ``GradScaler`` the gradients are still scaled
+    at that point: pass ``scale = gamma * scaler.get_scale()`` (and call it before ``scaler.unscale_`` or
+    ``scaler.step``), so that unscaling divides the penalty's share back to ``gamma * dR/dW``.
+    Weights and their gradients must be contiguous.
+    """
+    weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
+    scale = float(scale)
+    with torch.no_grad():
+        for p in (*weights, *catalysts):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        weight_grads = [w.grad for w in weights]
+        catalyst_grads = [d.grad for d in catalysts]
+        if resolve_backend(backend, weights[0].device) == "reference":
+            check_penalty_args(weights, catalysts, per_row=layout is None)
+            stats = PenaltyStats(*reference.penalty_(weights, catalysts, weight_grads, catalyst_grads, scale, layout))
+        else:
+            plan = None if layout is None else layout.member_table
+            stats = PenaltyStats(
+                *torch.ops.catalyst_fused.penalty_accumulate_(
+                    [w.detach() for w in weights], [d.detach() for d in catalysts], weight_grads, catalyst_grads, scale, plan
+                )
+            )
+    if nan_policy == "raise":
+        raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
+    return stats
+
+
+def _unit_catalysts(weights, layout):
+    sizes = [w.shape[0] if w.dim() > 0 else 0 for w in weights] if layout is None else layout.segment_sizes
+    return [weights[0].new_ones(size) for size in sizes]
+
+
+def group_norms(
+    weights: Sequence[torch.Tensor], *, layout: Optional[GroupLayout] = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Every group norm ``n_i`` as one flat detached vector (segments in order), in the accumulation dtype."""
+    weights = as_tensor_list(weights, "weights")
+    with torch.no_grad():
+        ones = _unit_catalysts(weights, layout)
+        return penalty(weights, ones, layout=layout, return_stats=True, backend=backend).norms
+
+
+def init_catalysts(
+    weights: Sequence[torch.Tensor],
+    c0: float = 1.0,
+    *,
+    layout: Optional[GroupLayout] = None,
+    backend: str = "auto",
+) -> list[torch.nn.Parameter]:
+    """One trainable catalyst vector per weight (or per layout segment), ``d_i = c0 * n_i``, so that every
+    channel starts at ratio ``c_i = c0`` whatever its magnitude (catalyst-method.md section 3).
+    Catalysts have the weights' dtype and device."""
+    weights = as_tensor_list(weights, "weights")
+    c0 = float(c0)
+    if not (c0 > 0 and c0 != float("inf")):
+        raise ValueError(f"catalyst_fused: c0 must be a positive finite number, got {c0}")
+    norms = group_norms(weights, layout=layout, backend=backend)
+    sizes = [w.shape[0] for w in weights] if layout is None else list(layout.segment_sizes)
+    return [torch.nn.Parameter((c0 * n).to(weights[0].dtype)) for n in torch.split(norms, sizes)]
+
+
+def split_per_weight(flat: torch.Tensor, catalysts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cuts a flat per-group vector (``PenaltyStats.norms`` or ``.ratios``) into one view per catalyst."""
+    return list(torch.split(flat, [d.shape[0] for d in catalysts]))

@@ -1,0 +1,60 @@
+// Per-group math of the Catalyst penalty R = sum_i |d_i| * n_i, shared by every backend.
+//
+// Kept free of ATen so that the CPU build compiles exactly the functions a CUDA build would call
+// (the CPU tests then exercise them). Conventions (docs: README "Math and conventions"):
+//   * n_i == 0       -> weight-gradient scale 0 and ratio c_i = +inf (a zero filter is always prunable);
+//   * d_i == 0       -> sign(d_i) = 0;
+//   * NaN in d or n  -> propagates (never turned into a finite value).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CF_HOST_DEVICE __host__ __device__
+#else
+#define CF_HOST_DEVICE
+#endif
+
+namespace catalyst_fused {
+
+// Columns of the member table (an int64 [num_members, kMemberColumns] tensor built by GroupLayout).
+// A member maps slices [start, start + count) of `tensor` along `dim` (0: rows, 1: input columns)
+// onto groups [segment_start, segment_start + count) of catalyst segment `segment`.
+enum MemberColumn : int64_t {
+  kMemberTensor = 0,
+  kMemberDim = 1,
+  kMemberStart = 2,
+  kMemberCount = 3,
+  kMemberSegment = 4,
+  kMemberSegmentStart = 5,
+  kMemberColumns = 6,
+};
+
+// c_i = |d_i| / n_i, +inf for an all-zero group.
+template <typename acc_t>
+CF_HOST_DEVICE inline acc_t catalyst_ratio(acc_t abs_d, acc_t norm) {
+  return norm == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : abs_d / norm;
+}
+
+// dR/dF_i = (|d_i| / n_i) * F_i; the scale is 0 for an all-zero group (subgradient convention).
+// Written as `norm == 0 ? 0 : ...` rather than `norm > 0 ? ... : 0` so that a NaN norm stays NaN.
+template <typename acc_t>
+CF_HOST_DEVICE inline acc_t weight_grad_scale(acc_t abs_d, acc_t norm) {
+  return norm == acc_t(0) ? acc_t(0) : abs_d / norm;
+}
+
+// sign with sign(0) = 0 and sign(NaN) = NaN, matching torch.sign.
+template <typename acc_t>
+CF_HOST_DEVICE inline acc_t signum(acc_t x) {
+  return x > acc_t(0) ? acc_t(1) : (x < acc_t(0) ? acc_t(-1) : x * acc_t(0));
+}
+
+// dR/dd_i = sign(d_i) * n_i.
+template <typename acc_t>
+CF_HOST_DEVICE inline acc_t catalyst_grad(acc_t d, acc_t norm) {
+  return signum(d) * norm;
+}
+
+}  // namespace catalyst_fused

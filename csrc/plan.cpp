@@ -1,0 +1,174 @@
+#include "plan.h"
+
+#include "penalty_math.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace catalyst_fused {
+namespace {
+
+int64_t product(at::IntArrayRef sizes, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
+  return p;
+}
+
+void check_tensors(at::TensorList tensors, at::TensorList catalysts) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "catalyst_fused: weights must be a non-empty sequence of tensors");
+  TORCH_CHECK_VALUE(!catalysts.empty(), "catalyst_fused: catalysts must be a non-empty sequence of tensors");
+  const at::Tensor& first = tensors[0];
+  TORCH_CHECK_VALUE(first.defined(), "catalyst_fused: weights[0] is undefined");
+  TORCH_CHECK_TYPE(at::isFloatingType(first.scalar_type()),
+                   "catalyst_fused: weights[0] must be a floating-point tensor, got ", first.scalar_type());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), "catalyst_fused: weights[", i, "] is undefined");
+    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), "catalyst_fused: weights[", i, "] has dtype ",
+                     t.scalar_type(), " but weights[0] has dtype ", first.scalar_type(),
+                     "; all weights and catalysts must share one dtype");
+    TORCH_CHECK_VALUE(t.device() == first.device(), "catalyst_fused: weights[", i, "] is on ", t.device(),
+                      " but weights[0] is on ", first.device());
+    TORCH_CHECK_VALUE(t.dim() >= 1, "catalyst_fused: weights[", i,
+                      "] must have at least one dimension (channels along dim 0), got a 0-d tensor");
+    TORCH_CHECK_VALUE(t.is_contiguous(), "catalyst_fused: weights[", i,
+                      "] must be contiguous (call .contiguous() first)");
+  }
+  for (size_t i = 0; i < catalysts.size(); ++i) {
+    const at::Tensor& d = catalysts[i];
+    TORCH_CHECK_VALUE(d.defined(), "catalyst_fused: catalysts[", i, "] is undefined");
+    TORCH_CHECK_TYPE(d.scalar_type() == first.scalar_type(), "catalyst_fused: catalysts[", i, "] has dtype ",
+                     d.scalar_type(), " but weights[0] has dtype ", first.scalar_type(),
+                     "; all weights and catalysts must share one dtype");
+    TORCH_CHECK_VALUE(d.device() == first.device(), "catalyst_fused: catalysts[", i, "] is on ", d.device(),
+                      " but weights[0] is on ", first.device());
+    TORCH_CHECK_VALUE(d.dim() == 1, "catalyst_fused: catalysts[", i, "] must be 1-D, got shape ", d.sizes());
+    TORCH_CHECK_VALUE(d.is_contiguous(), "catalyst_fused: catalysts[", i, "] must be contiguous");
+  }
+}
+
+MemberGeometry make_member(at::TensorList tensors, const int64_t* row, int64_t index) {
+  MemberGeometry m;
+  m.tensor = row[kMemberTensor];
+  m.dim = row[kMemberDim];
+  m.start = row[kMemberStart];
+  m.count = row[kMemberCount];
+  m.segment = row[kMemberSegment];
+  TORCH_CHECK_VALUE(m.tensor >= 0 && m.tensor < static_cast<int64_t>(tensors.size()), "catalyst_fused: plan member ",
+                    index, " refers to weights[", m.tensor, "] but only ", tensors.size(), " weights were given");
+  const at::Tensor& t = tensors[m.tensor];
+  TORCH_CHECK_VALUE(m.dim == 0 || m.dim == 1, "catalyst_fused: plan member ", index,
+                    " has dim ", m.dim, "; only 0 (rows) and 1 (input columns) are supported");
+  TORCH_CHECK_VALUE(m.dim < t.dim(), "catalyst_fused: plan member ", index, " slices weights[", m.tensor,
+                    "] along dim ", m.dim, " but it has shape ", t.sizes());
+  TORCH_CHECK_VALUE(m.start >= 0 && m.count >= 0 && m.start + m.count <= t.size(m.dim), "catalyst_fused: plan member ",
+                    index, " takes slices [", m.start, ", ", m.start + m.count, ") of weights[", m.tensor,
+                    "] along dim ", m.dim, " but that dim has size ", t.size(m.dim));
+  const auto sizes = t.sizes();
+  if (m.dim == 0) {
+    m.inner = product(sizes, 1);
+    m.outer = 1;
+    m.outer_stride = 0;
+    m.slice_stride = m.inner;
+  } else {
+    m.inner = product(sizes, 2);
+    m.outer = sizes[0];
+    m.outer_stride = sizes[1] * m.inner;
+    m.slice_stride = m.inner;
+  }
+  m.first_offset = m.start * m.slice_stride;
+  return m;
+}
+
+// CSR index of members by `key`.
+void group_by(const std::vector<MemberGeometry>& members, int64_t num_keys, bool by_segment,
+              std::vector<int64_t>& offsets, std::vector<int64_t>& items) {
+  offsets.assign(num_keys + 1, 0);
+  for (const auto& m : members) offsets[(by_segment ? m.segment : m.tensor) + 1]++;
+  for (int64_t k = 0; k < num_keys; ++k) offsets[k + 1] += offsets[k];
+  items.assign(members.size(), 0);
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (size_t i = 0; i < members.size(); ++i) {
+    const int64_t key = by_segment ? members[i].segment : members[i].tensor;
+    items[fill[key]++] = static_cast<int64_t>(i);
+  }
+}
+
+void cut(std::vector<Chunk>& chunks, int64_t owner, int64_t items, int64_t elements_per_item) {
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, elements_per_item));
+  for (int64_t b = 0; b < items; b += per_chunk) chunks.push_back({owner, b, std::min(items, b + per_chunk)});
+}
+
+}  // namespace
+
+Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
+  check_tensors(tensors, catalysts);
+  Plan plan;
+  const int64_t num_segments = static_cast<int64_t>(catalysts.size());
+  plan.segment_offsets.assign(num_segments + 1, 0);
+  for (int64_t s = 0; s < num_segments; ++s) plan.segment_offsets[s + 1] = plan.segment_offsets[s] + catalysts[s].numel();
+  plan.num_groups = plan.segment_offsets.back();
+
+  if (!plan_table.has_value() || !plan_table->defined()) {
+    TORCH_CHECK_VALUE(catalysts.size() == tensors.size(), "catalyst_fused: got ", tensors.size(), " weights but ",
+                      catalysts.size(), " catalysts; the per-row layout needs one catalyst vector per weight");
+    plan.members.reserve(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      TORCH_CHECK_VALUE(catalysts[i].numel() == tensors[i].size(0), "catalyst_fused: catalysts[", i, "] has ",
+                        catalysts[i].numel(), " entries but weights[", i, "] has ", tensors[i].size(0),
+                        " channels (dim 0 of shape ", tensors[i].sizes(), ")");
+      const int64_t row[kMemberColumns] = {static_cast<int64_t>(i), 0, 0, tensors[i].size(0), static_cast<int64_t>(i), 0};
+      plan.members.push_back(make_member(tensors, row, static_cast<int64_t>(i)));
+      plan.members.back().group_begin = plan.segment_offsets[i];
+    }
+  } else {
+    const at::Tensor& table = *plan_table;
+    TORCH_CHECK_VALUE(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                          table.size(1) == kMemberColumns && table.is_contiguous(),
+                      "catalyst_fused: plan must be a contiguous int64 CPU tensor of shape [members, ", kMemberColumns,
+                      "] (build it with catalyst_fused.GroupLayout), got ", table.scalar_type(), " ", table.sizes(),
+                      " on ", table.device());
+    const int64_t* rows = table.data_ptr<int64_t>();
+    plan.members.reserve(table.size(0));
+    for (int64_t i = 0; i < table.size(0); ++i) {
+      const int64_t* row = rows + i * kMemberColumns;
+      MemberGeometry m = make_member(tensors, row, i);
+      TORCH_CHECK_VALUE(m.segment >= 0 && m.segment < num_segments, "catalyst_fused: plan member ", i,
+                        " refers to catalysts[", m.segment, "] but only ", num_segments, " catalysts were given");
+      const int64_t segment_start = row[kMemberSegmentStart];
+      TORCH_CHECK_VALUE(segment_start >= 0 && segment_start + m.count <= catalysts[m.segment].numel(),
+                        "catalyst_fused: plan member ", i, " maps to groups [", segment_start, ", ",
+                        segment_start + m.count, ") of catalysts[", m.segment, "] which has ",
+                        catalysts[m.segment].numel(), " entries");
+      m.group_begin = plan.segment_offsets[m.segment] + segment_start;
+      plan.members.push_back(m);
+    }
+  }
+
+  group_by(plan.members, num_segments, /*by_segment=*/true, plan.segment_member_offsets, plan.segment_members);
+  group_by(plan.members, static_cast<int64_t>(tensors.size()), /*by_segment=*/false, plan.tensor_member_offsets,
+           plan.tensor_members);
+
+  // Norm pass: cut each segment into runs of groups of about kChunkElements elements.
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t groups = plan.segment_offsets[s + 1] - plan.segment_offsets[s];
+    if (groups == 0) continue;
+    int64_t elements = 0;
+    for (int64_t k = plan.segment_member_offsets[s]; k < plan.segment_member_offsets[s + 1]; ++k) {
+      const auto& m = plan.members[plan.segment_members[k]];
+      elements += m.count * m.slice_numel();
+    }
+    plan.total_elements += elements;
+    cut(plan.norm_chunks, s, groups, elements / groups);
+  }
+  // Gradient pass: cut every tensor into runs of rows (tensors no member reads still get zero gradients).
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t rows = tensors[t].size(0);
+    if (tensors[t].numel() == 0) continue;
+    cut(plan.grad_chunks, static_cast<int64_t>(t), rows, tensors[t].numel() / rows);
+  }
+  return plan;
+}
+
+}  // namespace catalyst_fused

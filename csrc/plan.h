@@ -1,0 +1,60 @@
+// Host-side description of one penalty call: which memory each group reads and how the work is cut.
+//
+// Built per call from the tensors' shapes and the (optional) member table. It is O(#tensors + #members
+// + #chunks) small host vectors; the weights themselves are never copied.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace catalyst_fused {
+
+// Where slice k of one member lives: `outer` runs of `inner` contiguous elements, `outer_stride` apart,
+// starting at data + first_offset + k * slice_stride. A row (dim 0) is one run; an input column (dim 1)
+// of a [A, B, ...] tensor is A runs of prod(...) elements.
+struct MemberGeometry {
+  int64_t tensor = 0;
+  int64_t dim = 0;
+  int64_t start = 0;          // first slice index along `dim`
+  int64_t count = 0;          // number of slices
+  int64_t segment = 0;
+  int64_t group_begin = 0;    // global group index of the member's first slice
+  int64_t first_offset = 0;   // element offset of slice `start`
+  int64_t slice_stride = 0;   // elements between consecutive slices
+  int64_t outer = 0;
+  int64_t outer_stride = 0;
+  int64_t inner = 0;
+  int64_t slice_numel() const { return outer * inner; }
+};
+
+// A run of consecutive groups of one segment (norm pass) or rows of one tensor (gradient pass).
+struct Chunk {
+  int64_t owner = 0;  // segment (norm pass) or tensor (gradient pass)
+  int64_t begin = 0;
+  int64_t end = 0;
+};
+
+struct Plan {
+  int64_t num_groups = 0;
+  int64_t total_elements = 0;              // elements read by one norm pass
+  std::vector<int64_t> segment_offsets;    // [S + 1] global group offset of each segment
+  std::vector<MemberGeometry> members;
+  std::vector<int64_t> segment_member_offsets;  // CSR: members of segment s
+  std::vector<int64_t> segment_members;
+  std::vector<int64_t> tensor_member_offsets;   // CSR: members that read tensor t
+  std::vector<int64_t> tensor_members;
+  std::vector<Chunk> norm_chunks;
+  std::vector<Chunk> grad_chunks;
+};
+
+// Elements per unit of parallel work. Tests use sizes around it (see tests/test_penalty_cpu.py).
+constexpr int64_t kChunkElements = int64_t(1) << 15;
+
+// Validates every argument (messages name `weights[i]`, `catalysts[i]`, `plan`) and builds the plan.
+// `plan` undefined means the per-row layout: tensor i's rows are the groups of catalyst segment i.
+Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan);
+
+}  // namespace catalyst_fused
