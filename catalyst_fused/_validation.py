@@ -27,6 +27,10 @@ def as_tensor_list(values, name: str) -> list[torch.Tensor]:
 
 def check_penalty_args(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], per_row: bool) -> None:
     """Same rules and messages as csrc/plan.cpp (contiguity excepted: the reference takes any strides)."""
+    if not weights:
+        raise ValueError("catalyst_fused: weights must be a non-empty sequence of tensors")
+    if not catalysts:
+        raise ValueError("catalyst_fused: catalysts must be a non-empty sequence of tensors")
     first = weights[0]
     if not first.is_floating_point():
         raise TypeError(f"catalyst_fused: weights[0] must be a floating-point tensor, got {first.dtype}")

@@ -139,14 +139,17 @@ def penalty_(
     """
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
     scale = float(scale)
+    use_reference = resolve_backend(backend, weights[0].device) == "reference"
+    missing = [p for p in (*weights, *catalysts) if p.grad is None]
+    if use_reference or missing:
+        # Check before creating gradients, so that a failing call changes nothing.
+        check_penalty_args(weights, catalysts, per_row=layout is None)
     with torch.no_grad():
-        for p in (*weights, *catalysts):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        for p in missing:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
         weight_grads = [w.grad for w in weights]
         catalyst_grads = [d.grad for d in catalysts]
-        if resolve_backend(backend, weights[0].device) == "reference":
-            check_penalty_args(weights, catalysts, per_row=layout is None)
+        if use_reference:
             stats = PenaltyStats(*reference.penalty_(weights, catalysts, weight_grads, catalyst_grads, scale, layout))
         else:
             plan = None if layout is None else layout.member_table

@@ -7,14 +7,17 @@ Operators (schemas in csrc/penalty.cpp):
 * ``catalyst_fused::penalty_accumulate_(weights, catalysts, weight_grads!, catalyst_grads!, scale, plan)
   -> (penalty, norms, ratios)``
 
-With the fake functions, ``torch.compile(fullgraph=True)`` traces through the operators; with the
-autograd registration, ``penalty_forward`` is differentiable with respect to every weight and catalyst
-(``norms`` and ``ratios`` are statistics, not differentiable outputs).
+With the fake functions registered here, ``torch.compile(fullgraph=True)`` traces through the operators.
+Autograd of ``penalty_forward`` is registered in C++ (csrc/autograd.cpp: a Python registration costs more
+per call than the fused kernel itself); it is differentiable with respect to every weight and catalyst
+(``norms`` and ``ratios`` are statistics, not differentiable outputs), and its backward calls only
+``penalty_backward``.
 """
 from __future__ import annotations
 
 import torch
 
+from ._validation import check_penalty_args
 from .reference import accumulation_dtype
 
 try:
@@ -37,11 +40,11 @@ def _stats_like(weights, catalysts):
 
 
 def _register() -> None:
-    ops = torch.ops.catalyst_fused
-
+    # The fake functions run the same argument checks as the kernels: they are what meta tensors and
+    # torch.compile's tracing see.
     @torch.library.register_fake("catalyst_fused::penalty_forward")
     def _penalty_forward_fake(weights, catalysts, plan):
-        torch._check(len(weights) > 0, lambda: "catalyst_fused: weights must be a non-empty sequence of tensors")
+        check_penalty_args(weights, catalysts, per_row=plan is None)
         return _stats_like(weights, catalysts)
 
     @torch.library.register_fake("catalyst_fused::penalty_backward")
@@ -50,25 +53,8 @@ def _register() -> None:
 
     @torch.library.register_fake("catalyst_fused::penalty_accumulate_")
     def _penalty_accumulate_fake(weights, catalysts, weight_grads, catalyst_grads, scale, plan):
+        check_penalty_args(weights, catalysts, per_row=plan is None)
         return _stats_like(weights, catalysts)
-
-    def _setup_context(ctx, inputs, output):
-        weights, catalysts, plan = inputs
-        _, norms, _ = output
-        ctx.num_weights = len(weights)
-        ctx.has_plan = plan is not None
-        ctx.save_for_backward(*weights, *catalysts, norms, *([plan] if plan is not None else []))
-
-    def _backward(ctx, grad_penalty, grad_norms, grad_ratios):
-        saved = ctx.saved_tensors
-        k = ctx.num_weights
-        plan = saved[-1] if ctx.has_plan else None
-        end = len(saved) - (1 if ctx.has_plan else 0)
-        weights, catalysts, norms = list(saved[:k]), list(saved[k : end - 1]), saved[end - 1]
-        weight_grads, catalyst_grads = ops.penalty_backward(grad_penalty, weights, catalysts, norms, plan)
-        return weight_grads, catalyst_grads, None
-
-    torch.library.register_autograd("catalyst_fused::penalty_forward", _backward, setup_context=_setup_context)
 
 
 if cpp_available():

@@ -41,7 +41,8 @@ def _sum_of_squares(weights, catalysts, layout):
         offsets.append(offsets[-1] + d.numel())
     sq = weights[0].new_zeros(offsets[-1], dtype=acc)
     for t, dim, start, count, seg, seg_start in _members(weights, layout):
-        slices = weights[t].movedim(dim, 0)[start : start + count].reshape(count, -1).to(acc)
+        moved = weights[t].movedim(dim, 0)[start : start + count]
+        slices = moved.reshape(count, moved[0].numel() if count else 0).to(acc)
         part = (slices * slices).sum(dim=1)
         index = torch.arange(count, device=sq.device) + offsets[seg] + seg_start
         sq = sq.index_add(0, index, part)
@@ -92,5 +93,5 @@ def eager_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Ten
     """The per-layer loop a user would write for the per-row layout (the eager benchmark baseline)."""
     total = 0
     for w, d in zip(weights, catalysts):
-        total = total + (d.abs() * torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)).sum()
+        total = total + (d.abs() * torch.linalg.vector_norm(w.flatten(1) if w.dim() > 1 else w[:, None], dim=1)).sum()
     return total

@@ -5,8 +5,26 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cctype>
 
 namespace catalyst_fused {
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    default: {
+      std::string name = c10::toString(t);
+      std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+      return "torch." + name;
+    }
+  }
+}
+
 namespace {
 
 int64_t product(at::IntArrayRef sizes, size_t from) {
@@ -21,12 +39,12 @@ void check_tensors(at::TensorList tensors, at::TensorList catalysts) {
   const at::Tensor& first = tensors[0];
   TORCH_CHECK_VALUE(first.defined(), "catalyst_fused: weights[0] is undefined");
   TORCH_CHECK_TYPE(at::isFloatingType(first.scalar_type()),
-                   "catalyst_fused: weights[0] must be a floating-point tensor, got ", first.scalar_type());
+                   "catalyst_fused: weights[0] must be a floating-point tensor, got ", dtype_name(first.scalar_type()));
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.defined(), "catalyst_fused: weights[", i, "] is undefined");
     TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), "catalyst_fused: weights[", i, "] has dtype ",
-                     t.scalar_type(), " but weights[0] has dtype ", first.scalar_type(),
+                     dtype_name(t.scalar_type()), " but weights[0] has dtype ", dtype_name(first.scalar_type()),
                      "; all weights and catalysts must share one dtype");
     TORCH_CHECK_VALUE(t.device() == first.device(), "catalyst_fused: weights[", i, "] is on ", t.device(),
                       " but weights[0] is on ", first.device());
@@ -39,7 +57,7 @@ void check_tensors(at::TensorList tensors, at::TensorList catalysts) {
     const at::Tensor& d = catalysts[i];
     TORCH_CHECK_VALUE(d.defined(), "catalyst_fused: catalysts[", i, "] is undefined");
     TORCH_CHECK_TYPE(d.scalar_type() == first.scalar_type(), "catalyst_fused: catalysts[", i, "] has dtype ",
-                     d.scalar_type(), " but weights[0] has dtype ", first.scalar_type(),
+                     dtype_name(d.scalar_type()), " but weights[0] has dtype ", dtype_name(first.scalar_type()),
                      "; all weights and catalysts must share one dtype");
     TORCH_CHECK_VALUE(d.device() == first.device(), "catalyst_fused: catalysts[", i, "] is on ", d.device(),
                       " but weights[0] is on ", first.device());
@@ -127,7 +145,7 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
     TORCH_CHECK_VALUE(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
                           table.size(1) == kMemberColumns && table.is_contiguous(),
                       "catalyst_fused: plan must be a contiguous int64 CPU tensor of shape [members, ", kMemberColumns,
-                      "] (build it with catalyst_fused.GroupLayout), got ", table.scalar_type(), " ", table.sizes(),
+                      "] (build it with catalyst_fused.GroupLayout), got ", dtype_name(table.scalar_type()), " ", table.sizes(),
                       " on ", table.device());
     const int64_t* rows = table.data_ptr<int64_t>();
     plan.members.reserve(table.size(0));

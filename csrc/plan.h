@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace catalyst_fused {
@@ -49,6 +50,9 @@ struct Plan {
   std::vector<Chunk> norm_chunks;
   std::vector<Chunk> grad_chunks;
 };
+
+// dtype as Python spells it ("torch.float32"), so that C++ and Python errors read the same.
+std::string dtype_name(at::ScalarType t);
 
 // Elements per unit of parallel work. Tests use sizes around it (see tests/test_penalty_cpu.py).
 constexpr int64_t kChunkElements = int64_t(1) << 15;

@@ -5,11 +5,12 @@
 //                 op, the catalyst gradients);
 //   gradient pass reads every weight once and writes (or adds into) the weight gradient.
 // Work is cut into chunks of about kChunkElements elements (plan.cpp) and spread with at::parallel_for
-// (OpenMP). Sums of squares use 16 independent fp32 (fp64 for double) accumulators, which GCC turns into
-// SIMD code, and are combined pairwise. The penalty is summed per chunk in double and the chunks are added
-// in a fixed order, so results do not depend on the thread count.
+// (OpenMP). The innermost loops live in leaf_kernels.cpp (SIMD, chosen per CPU at load time). The
+// penalty is summed per chunk in double and the chunks are added in a fixed order, so results do not
+// depend on the thread count.
 #include "../penalty_math.h"
 #include "../plan.h"
+#include "leaf_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,35 +26,13 @@
 namespace catalyst_fused {
 namespace {
 
-constexpr int kLanes = 16;
-
-template <typename scalar_t, typename acc_t>
-inline acc_t sum_of_squares(const scalar_t* p, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t v = static_cast<acc_t>(p[i + l]);
-      lanes[l] += v * v;
-    }
-  }
-  acc_t tail = 0;
-  for (; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(p[i]);
-    tail += v * v;
-  }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  }
-  return lanes[0] + tail;
-}
-
 // out = factor * w, or out += factor * w.
 template <bool kAccumulate, typename scalar_t, typename acc_t>
 inline void scaled_store(scalar_t* out, const scalar_t* w, acc_t factor, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = factor * static_cast<acc_t>(w[i]);
-    out[i] = kAccumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[i]) + v) : static_cast<scalar_t>(v);
+  if (kAccumulate) {
+    cpu::scale_add(out, w, factor, n);
+  } else {
+    cpu::scale_store(out, w, factor, n);
   }
 }
 
@@ -105,16 +84,8 @@ acc_t norm_pass(const Plan& plan, at::TensorList tensors, at::TensorList catalys
       const int64_t lo = std::max(chunk.begin, first);
       const int64_t hi = std::min(chunk.end, first + m.count);
       if (lo >= hi) continue;
-      const scalar_t* base = weights[m.tensor] + m.first_offset;
-      if (m.outer == 1) {
-        for (int64_t j = lo; j < hi; ++j) sq[j] += sum_of_squares<scalar_t, acc_t>(base + (j - first) * m.slice_stride, m.inner);
-      } else {
-        // Input columns: walk the tensor row by row so that memory is read in order.
-        for (int64_t o = 0; o < m.outer; ++o) {
-          const scalar_t* row = base + o * m.outer_stride;
-          for (int64_t j = lo; j < hi; ++j) sq[j] += sum_of_squares<scalar_t, acc_t>(row + (j - first) * m.inner, m.inner);
-        }
-      }
+      cpu::add_sums_of_squares(weights[m.tensor] + m.first_offset + (lo - first) * m.slice_stride, hi - lo,
+                               m.slice_stride, m.outer, m.outer_stride, m.inner, sq + lo);
     }
     const scalar_t* d = cats[s];
     double penalty = 0.0;
@@ -228,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward_cpu(at::TensorLis
 void check_norms(const at::Tensor& norms, const Plan& plan, at::ScalarType acc_type) {
   TORCH_CHECK_VALUE(norms.dim() == 1 && norms.numel() == plan.num_groups && norms.scalar_type() == acc_type &&
                         norms.is_contiguous(),
-                    "catalyst_fused: norms must be the contiguous ", acc_type, " [", plan.num_groups,
-                    "] tensor returned by penalty_forward, got ", norms.scalar_type(), " ", norms.sizes());
+                    "catalyst_fused: norms must be the contiguous ", dtype_name(acc_type), " [", plan.num_groups,
+                    "] tensor returned by penalty_forward, got ", dtype_name(norms.scalar_type()), " ", norms.sizes());
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> penalty_backward_cpu(
@@ -272,8 +243,8 @@ void check_grads(at::TensorList grads, at::TensorList like, const char* name, co
     TORCH_CHECK_VALUE(grads[i].sizes() == like[i].sizes(), "catalyst_fused: ", name, "[", i, "] has shape ",
                       grads[i].sizes(), " but ", like_name, "[", i, "] has shape ", like[i].sizes());
     TORCH_CHECK_TYPE(grads[i].scalar_type() == like[i].scalar_type(), "catalyst_fused: ", name, "[", i,
-                     "] has dtype ", grads[i].scalar_type(), " but ", like_name, "[", i, "] has dtype ",
-                     like[i].scalar_type());
+                     "] has dtype ", dtype_name(grads[i].scalar_type()), " but ", like_name, "[", i,
+                     "] has dtype ", dtype_name(like[i].scalar_type()));
     TORCH_CHECK_VALUE(grads[i].device() == like[i].device(), "catalyst_fused: ", name, "[", i, "] is on ",
                       grads[i].device(), " but ", like_name, "[", i, "] is on ", like[i].device());
     TORCH_CHECK_VALUE(grads[i].is_contiguous(), "catalyst_fused: ", name, "[", i, "] must be contiguous");

@@ -1,0 +1,169 @@
+#include "leaf_kernels.h"
+
+#include <cstring>
+
+namespace catalyst_fused {
+namespace cpu {
+namespace {
+
+// Sum of `lanes` independent partial sums of squares over p[0, n - n % lanes), combined pairwise
+// (which keeps the rounding error of long rows small); *done is advanced past what was summed.
+template <int lanes, typename scalar_t, typename acc_t>
+inline acc_t lane_sum_of_squares(const scalar_t* p, int64_t n, int64_t* done) {
+  acc_t acc[lanes] = {};
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    for (int l = 0; l < lanes; ++l) {
+      const acc_t v = static_cast<acc_t>(p[i + l]);
+      acc[l] += v * v;
+    }
+  }
+  for (int width = lanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  *done = i;
+  return acc[0];
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t sum_of_squares(const scalar_t* p, int64_t n) {
+  // Wide lanes for long rows; short rows (a 3x3 conv over 3 channels has 27) would spend more time
+  // combining 32 lanes than summing, so they take 8 lanes and a scalar tail.
+  acc_t total = 0;
+  int64_t done = 0;
+  if (n >= kLanes) {
+    total += lane_sum_of_squares<kLanes, scalar_t, acc_t>(p, n, &done);
+    p += done;
+    n -= done;
+  }
+  if (n >= 8) {
+    total += lane_sum_of_squares<8, scalar_t, acc_t>(p, n, &done);
+    p += done;
+    n -= done;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(p[i]);
+    total += v * v;
+  }
+  return total;
+}
+
+// fp32 and fp64 rows use GCC vector types: in each multi-versioned clone they become that level's
+// widest registers, and the horizontal sum at the end of a row is a few shuffles instead of a serial
+// chain (which dominated rows of a few hundred elements).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x2 __attribute__((vector_size(16)));
+
+inline float horizontal_sum(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float horizontal_sum(f32x8 v) {
+  const f32x4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float horizontal_sum(f32x4 b) { return (b[0] + b[2]) + (b[1] + b[3]); }
+
+inline double horizontal_sum(f64x4 a) { return (a[0] + a[2]) + (a[1] + a[3]); }
+
+inline double horizontal_sum(f64x2 b) { return b[0] + b[1]; }
+
+inline double horizontal_sum(f64x8 v) {
+  const f64x4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const f64x2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+
+// Squares of p[i, i + width of vec_t) added into acc; i advanced. Used with the full, half and quarter
+// widths so that a row's tail costs at most three scalar steps.
+template <typename vec_t, typename scalar_t>
+inline void add_block(const scalar_t* p, int64_t n, int64_t& i, vec_t& acc) {
+  constexpr int width = sizeof(vec_t) / sizeof(scalar_t);
+  if (i + width <= n) {
+    vec_t x;
+    std::memcpy(&x, p + i, sizeof(vec_t));  // an unaligned vector load
+    acc += x * x;
+    i += width;
+  }
+}
+
+template <typename full_t, typename half_t, typename quarter_t, typename scalar_t>
+inline scalar_t vector_sum_of_squares(const scalar_t* p, int64_t n) {
+  constexpr int width = sizeof(full_t) / sizeof(scalar_t);
+  full_t a0 = {}, a1 = {};
+  int64_t i = 0;
+  for (; i + 2 * width <= n; i += 2 * width) {
+    full_t x0, x1;
+    std::memcpy(&x0, p + i, sizeof(full_t));
+    std::memcpy(&x1, p + i + width, sizeof(full_t));
+    a0 += x0 * x0;
+    a1 += x1 * x1;
+  }
+  add_block(p, n, i, a0);
+  half_t h = {};
+  quarter_t q = {};
+  add_block(p, n, i, h);
+  add_block(p, n, i, q);
+  scalar_t total = horizontal_sum(a0 + a1) + horizontal_sum(h) + horizontal_sum(q);
+  for (; i < n; ++i) total += p[i] * p[i];
+  return total;
+}
+
+template <>
+inline float sum_of_squares<float, float>(const float* p, int64_t n) {
+  return vector_sum_of_squares<f32x16, f32x8, f32x4>(p, n);
+}
+
+template <>
+inline double sum_of_squares<double, double>(const double* p, int64_t n) {
+  return vector_sum_of_squares<f64x8, f64x4, f64x2>(p, n);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void add_sums_of_squares_impl(const scalar_t* base, int64_t count, int64_t slice_stride, int64_t outer,
+                                     int64_t outer_stride, int64_t inner, acc_t* sq) {
+  // Outer loop over runs: for input columns this reads each row of the tensor front to back.
+  for (int64_t o = 0; o < outer; ++o) {
+    const scalar_t* row = base + o * outer_stride;
+    for (int64_t j = 0; j < count; ++j) sq[j] += sum_of_squares<scalar_t, acc_t>(row + j * slice_stride, inner);
+  }
+}
+
+}  // namespace
+
+// GCC function multi-versioning: one clone per level, chosen by an ifunc resolver at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CF_MULTIVERSION
+#endif
+
+#define CF_DEFINE_LEAF_KERNELS(scalar_t, acc_t)                                                                   \
+  CF_MULTIVERSION void add_sums_of_squares(const scalar_t* base, int64_t count, int64_t slice_stride,           \
+                                           int64_t outer, int64_t outer_stride, int64_t inner, acc_t* sq) {      \
+    add_sums_of_squares_impl<scalar_t, acc_t>(base, count, slice_stride, outer, outer_stride, inner, sq);        \
+  }                                                                                                             \
+  CF_MULTIVERSION void scale_store(scalar_t* out, const scalar_t* w, acc_t factor, int64_t n) {                  \
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(factor * static_cast<acc_t>(w[i]));           \
+  }                                                                                                             \
+  CF_MULTIVERSION void scale_add(scalar_t* out, const scalar_t* w, acc_t factor, int64_t n) {                    \
+    for (int64_t i = 0; i < n; ++i) {                                                                           \
+      out[i] = static_cast<scalar_t>(static_cast<acc_t>(out[i]) + factor * static_cast<acc_t>(w[i]));           \
+    }                                                                                                           \
+  }
+
+CF_DEFINE_LEAF_KERNELS(float, float)
+CF_DEFINE_LEAF_KERNELS(double, double)
+CF_DEFINE_LEAF_KERNELS(c10::Half, float)
+CF_DEFINE_LEAF_KERNELS(c10::BFloat16, float)
+
+}  // namespace cpu
+}  // namespace catalyst_fused

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates ./.venv with the pinned dependencies and builds catalyst_fused into it (editable, so the
+# compiled operator library lands next to the sources). Safe to run again: it only redoes what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+
+# --isolated ignores machine-wide pip settings (a local CPU-only torch wheel, version caps), so every
+# machine resolves the same packages from the registry.
+pip_install() { .venv/bin/python -m pip install --isolated --disable-pip-version-check -q "$@"; }
+
+pip_install -r requirements.txt
+# --no-build-isolation: build against the torch installed above, not a second copy.
+MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .
+.venv/bin/python - <<'PY'
+import torch, torchvision, catalyst_fused as cf
+assert cf.cpp_available(), f"the C++ extension did not load: {cf.operators.CPP_IMPORT_ERROR}"
+print(f"catalyst_fused {cf.__version__} | torch {torch.__version__} | torchvision {torchvision.__version__}")
+PY

@@ -1,0 +1,112 @@
+"""Bad input gets a clear error naming the argument, through the public API (every backend) and through
+the raw operators (the C++ checks)."""
+import pytest
+import torch
+
+import catalyst_fused as cf
+
+BACKENDS = ["reference"] + (["cpp"] if cf.cpp_available() else [])
+
+
+def w(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+CASES = [
+    # (weights, catalysts, exception, message)
+    ([], [torch.ones(2)], ValueError, r"weights must be a non-empty sequence"),
+    ([w(2, 3)], [], ValueError, r"catalysts must be a non-empty sequence"),
+    (w(2, 3), [torch.ones(2)], TypeError, r"weights must be a sequence of tensors, got a single tensor"),
+    ([w(2, 3), "conv"], [torch.ones(2), torch.ones(2)], TypeError, r"weights\[1\] must be a torch.Tensor"),
+    ([w(2, 3), w(4, 3)], [torch.ones(2)], ValueError, r"got 2 weights but 1 catalysts"),
+    ([w(2, 3), w(4, 3)], [torch.ones(2), torch.ones(3)], ValueError, r"catalysts\[1\] has 3 entries but weights\[1\] has 4 channels"),
+    ([w(2, 3), w(4, 3, dtype=torch.float64)], [torch.ones(2), torch.ones(4)], TypeError, r"weights\[1\] has dtype torch.float64"),
+    ([w(2, 3)], [torch.ones(2, dtype=torch.float64)], TypeError, r"catalysts\[0\] has dtype torch.float64"),
+    ([torch.ones(2, 3, dtype=torch.int64)], [torch.ones(2)], TypeError, r"weights\[0\] must be a floating-point tensor"),
+    ([torch.tensor(1.0)], [torch.ones(1)], ValueError, r"weights\[0\] must have at least one dimension"),
+    ([w(2, 3)], [torch.ones(2, 1)], ValueError, r"catalysts\[0\] must be 1-D"),
+    ([w(2, 3), w(2, 3, device="meta")], [torch.ones(2), torch.ones(2)], ValueError, r"weights\[1\] is on meta"),
+    ([w(2, 3)], [torch.ones(2, device="meta")], ValueError, r"catalysts\[0\] is on meta"),
+]
+
+
+def _call(fn, weights, catalysts, backend):
+    fn(weights, catalysts, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights, catalysts, exc, message", CASES)
+def test_penalty_rejects(backend, weights, catalysts, exc, message):
+    with pytest.raises(exc, match=message):
+        cf.penalty(weights, catalysts, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights, catalysts, exc, message", CASES[4:11])
+def test_penalty_inplace_rejects(backend, weights, catalysts, exc, message):
+    weights = [x.requires_grad_(True) if x.is_floating_point() else x for x in weights]
+    with pytest.raises(exc, match=message):
+        cf.penalty_(weights, catalysts, backend=backend)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("weights, catalysts, exc, message", [c for c in CASES if not isinstance(c[0], torch.Tensor)][:2] + CASES[4:])
+def test_raw_operator_rejects(weights, catalysts, exc, message):
+    if any(not isinstance(x, torch.Tensor) for x in weights):
+        pytest.skip("the schema itself rejects non-tensors")
+    if any(x.device.type == "meta" for x in list(weights) + list(catalysts)):
+        pytest.skip("mixed meta/cpu is rejected by the dispatcher before the kernel")
+    with pytest.raises(exc, match=message):
+        torch.ops.catalyst_fused.penalty_forward(weights, catalysts, None)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_raw_operator_rejects_bad_plans():
+    weights, catalysts = [w(4, 3), w(5, 4)], [torch.ones(4)]
+    ops = torch.ops.catalyst_fused
+    good = cf.GroupLayout.build(weights, [[cf.Slices(0), cf.Slices(1, dim=1)]]).member_table
+    ops.penalty_forward(weights, catalysts, good)
+    cases = [
+        (good.to(torch.int32), r"plan must be a contiguous int64 CPU tensor"),
+        (good[:, :5].contiguous(), r"plan must be a contiguous int64 CPU tensor"),
+        (torch.tensor([[2, 0, 0, 4, 0, 0]]), r"plan member 0 refers to weights\[2\]"),
+        (torch.tensor([[0, 3, 0, 4, 0, 0]]), r"plan member 0 has dim 3"),
+        (torch.tensor([[0, 0, 1, 4, 0, 0]]), r"takes slices \[1, 5\) of weights\[0\]"),
+        (torch.tensor([[0, 0, 0, 4, 1, 0]]), r"refers to catalysts\[1\]"),
+        (torch.tensor([[0, 0, 0, 4, 0, 1]]), r"maps to groups \[1, 5\) of catalysts\[0\]"),
+        (torch.tensor([[0, 0, 0, -1, 0, 0]]), r"takes slices"),
+    ]
+    for plan, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.penalty_forward(weights, catalysts, plan)
+    _, norms, _ = ops.penalty_forward(weights, catalysts, good)
+    with pytest.raises(ValueError, match=r"norms must be the contiguous"):
+        ops.penalty_backward(torch.tensor(1.0), weights, catalysts, norms[:2], good)
+    with pytest.raises(ValueError, match=r"grad_penalty must have one element"):
+        ops.penalty_backward(torch.ones(2), weights, catalysts, norms, good)
+
+
+def test_bad_options():
+    weights, catalysts = [w(2, 3)], [torch.ones(2)]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cf.penalty(weights, catalysts, backend="tpu")
+    with pytest.raises(TypeError, match="layout must be a GroupLayout"):
+        cf.penalty(weights, catalysts, layout=[[0]])
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_non_contiguous_inplace_weight_is_rejected():
+    weight = torch.nn.Parameter(torch.randn(6, 4).t())
+    with pytest.raises(ValueError, match=r"weights\[0\] must be contiguous"):
+        cf.penalty_([weight], [torch.nn.Parameter(torch.ones(4))])
+
+
+def test_nothing_is_modified_on_error():
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    d = torch.nn.Parameter(torch.ones(5))
+    weight.grad = torch.ones(4, 3)
+    before = weight.grad.clone()
+    with pytest.raises(ValueError):
+        cf.penalty_([weight], [d])
+    assert torch.equal(weight.grad, before)
+    assert d.grad is None  # no gradient was created for a call that failed
