@@ -16,7 +16,8 @@ from .functional import (
     split_per_weight,
 )
 from .layout import GroupLayout, Slices
-from .operators import cpp_available
+from .backends.triton_ops import triton_available
+from .operators import cpp_available, cuda_kernels_built
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "PenaltyStats",
     "Slices",
     "cpp_available",
+    "cuda_kernels_built",
     "group_norms",
     "init_catalysts",
     "penalty",
@@ -33,4 +35,5 @@ __all__ = [
     "reference",
     "resolve_backend",
     "split_per_weight",
+    "triton_available",
 ]

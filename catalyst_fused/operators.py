@@ -29,10 +29,18 @@ except ImportError as error:  # a source checkout that was not built
 
 
 def cpp_available() -> bool:
+    """Whether the compiled operator library loaded (its CPU kernels are always built)."""
     return CPP_IMPORT_ERROR is None
 
 
-def _stats_like(weights, catalysts):
+def cuda_kernels_built() -> bool:
+    """Whether the operator library was compiled with its CUDA kernels (setup.py builds them whenever
+    torch has CUDA and nvcc is found; no GPU is needed to build them)."""
+    return cpp_available() and torch._C._dispatch_has_kernel_for_dispatch_key("catalyst_fused::penalty_forward", "CUDA")
+
+
+def stats_like(weights, catalysts):
+    """Empty (penalty, norms, ratios) of the right dtype, shape and device: what fake functions return."""
     acc = accumulation_dtype(weights[0].dtype)
     groups = sum(d.shape[0] for d in catalysts)
     first = weights[0]
@@ -45,7 +53,7 @@ def _register() -> None:
     @torch.library.register_fake("catalyst_fused::penalty_forward")
     def _penalty_forward_fake(weights, catalysts, plan):
         check_penalty_args(weights, catalysts, per_row=plan is None)
-        return _stats_like(weights, catalysts)
+        return stats_like(weights, catalysts)
 
     @torch.library.register_fake("catalyst_fused::penalty_backward")
     def _penalty_backward_fake(grad_penalty, weights, catalysts, norms, plan):
@@ -54,7 +62,7 @@ def _register() -> None:
     @torch.library.register_fake("catalyst_fused::penalty_accumulate_")
     def _penalty_accumulate_fake(weights, catalysts, weight_grads, catalyst_grads, scale, plan):
         check_penalty_args(weights, catalysts, per_row=plan is None)
-        return _stats_like(weights, catalysts)
+        return stats_like(weights, catalysts)
 
 
 if cpp_available():

@@ -189,4 +189,24 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
   return plan;
 }
 
+at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name) {
+  TORCH_CHECK_VALUE(grads.size() == like.size(), "catalyst_fused: got ", grads.size(), " ", name, " for ",
+                    like.size(), " ", like_name);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].defined(), "catalyst_fused: ", name, "[", i, "] is undefined");
+    TORCH_CHECK_VALUE(grads[i].sizes() == like[i].sizes(), "catalyst_fused: ", name, "[", i, "] has shape ",
+                      grads[i].sizes(), " but ", like_name, "[", i, "] has shape ", like[i].sizes());
+    TORCH_CHECK_TYPE(grads[i].scalar_type() == like[i].scalar_type(), "catalyst_fused: ", name, "[", i,
+                     "] has dtype ", dtype_name(grads[i].scalar_type()), " but ", like_name, "[", i,
+                     "] has dtype ", dtype_name(like[i].scalar_type()));
+    TORCH_CHECK_VALUE(grads[i].device() == like[i].device(), "catalyst_fused: ", name, "[", i, "] is on ",
+                      grads[i].device(), " but ", like_name, "[", i, "] is on ", like[i].device());
+    TORCH_CHECK_VALUE(grads[i].is_contiguous(), "catalyst_fused: ", name, "[", i, "] must be contiguous");
+  }
+}
+
 }  // namespace catalyst_fused

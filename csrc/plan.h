@@ -51,6 +51,13 @@ struct Plan {
   std::vector<Chunk> grad_chunks;
 };
 
+// fp32 for fp16/bf16, the dtype itself otherwise: what the kernels accumulate and return statistics in.
+at::ScalarType accumulation_dtype(at::ScalarType t);
+
+// Checks that `grads` (named `name`) match `like` (named `like_name`) in count, shape, dtype and device
+// and are contiguous: the gradient buffers of the in-place operator.
+void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name);
+
 // dtype as Python spells it ("torch.float32"), so that C++ and Python errors read the same.
 std::string dtype_name(at::ScalarType t);
 

@@ -14,10 +14,16 @@ fi
 pip_install() { .venv/bin/python -m pip install --isolated --disable-pip-version-check -q "$@"; }
 
 pip_install -r requirements.txt
+# The CUDA build of torch plus nvcc means the CUDA kernels are compiled and linked too (no GPU needed).
+# Name the toolkit root explicitly: torch otherwise guesses it from the nvcc wrapper on PATH.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
 # --no-build-isolation: build against the torch installed above, not a second copy.
 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .
 .venv/bin/python - <<'PY'
 import torch, torchvision, catalyst_fused as cf
 assert cf.cpp_available(), f"the C++ extension did not load: {cf.operators.CPP_IMPORT_ERROR}"
-print(f"catalyst_fused {cf.__version__} | torch {torch.__version__} | torchvision {torchvision.__version__}")
+print(f"catalyst_fused {cf.__version__} | torch {torch.__version__} | torchvision {torchvision.__version__} | "
+      f"CUDA kernels built: {cf.cuda_kernels_built()} | GPU: {torch.cuda.is_available()}")
 PY

@@ -71,3 +71,11 @@ def check_against_reference(weights, catalysts, layout=None, backend="cpp", grad
         assert a.dtype == dtype and a.shape == catalysts[i].shape
         assert_close(a, e, GRAD_TOL[dtype], f"grad of catalysts[{i}]")
     return got
+
+
+def cuda_toolkit_root():
+    """The CUDA toolkit the build uses, found as scripts/setup.sh finds it: $CUDA_HOME, else /usr/local/cuda."""
+    import os
+
+    root = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return root if os.path.exists(os.path.join(root, "bin", "nvcc")) else None

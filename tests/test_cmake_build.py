@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import catalyst_fused as cf
+from _helpers import cuda_toolkit_root
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "CATALYST_CMAKE_OPS_OK"
 
@@ -38,6 +41,7 @@ _CHECK_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(norms.reshape(-1), ref_norms, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ratios.reshape(-1), d.abs() / ref_norms, rtol=1e-12, atol=1e-12)
     print("%s penalty=%.17g expected=%.17g" % (sys.argv[2], penalty.item(), ref_penalty.item()))
+    print("CUDA_KERNELS=%d" % torch._C._dispatch_has_kernel_for_dispatch_key("catalyst_fused::penalty_forward", "CUDA"))
     """
 )
 
@@ -71,7 +75,11 @@ def test_cmake_build_loads_standalone(tmp_path):
     ninja = _find_ninja()
     if ninja is not None:
         configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-    _run(configure, CONFIGURE_TIMEOUT_S)
+    env = dict(os.environ)
+    toolkit = cuda_toolkit_root()
+    if toolkit is not None:
+        env["CUDA_HOME"] = toolkit  # as scripts/setup.sh does for setup.py
+    _run(configure, CONFIGURE_TIMEOUT_S, env=env)
     _run([cmake, "--build", str(build_dir), "-j", "2"], BUILD_TIMEOUT_S)
 
     libs = sorted(build_dir.glob("libcatalyst_fused_ops*.so"))
@@ -83,3 +91,6 @@ def test_cmake_build_loads_standalone(tmp_path):
                 cwd=tmp_path, env=env)
     marker_lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     assert len(marker_lines) == 1, f"no result line in the output:\n{proc.stdout}\n{proc.stderr}"
+    # CMake and setup.py agree on whether the CUDA kernels are part of the library.
+    cuda_lines = [line for line in proc.stdout.splitlines() if line.startswith("CUDA_KERNELS=")]
+    assert cuda_lines == [f"CUDA_KERNELS={int(cf.cuda_kernels_built())}"], proc.stdout

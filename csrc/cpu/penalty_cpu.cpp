@@ -175,14 +175,10 @@ void gradient_pass(const Plan& plan, at::TensorList tensors, at::TensorList cata
   });
 }
 
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward_cpu(at::TensorList tensors, at::TensorList catalysts,
                                                                      const c10::optional<at::Tensor>& plan_table) {
   const Plan plan = build_plan(tensors, catalysts, plan_table);
-  const auto acc_type = opmath_dtype(tensors[0].scalar_type());
+  const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   const auto options = tensors[0].options().dtype(acc_type);
   at::Tensor norms = at::empty({plan.num_groups}, options);
   at::Tensor ratios = at::empty({plan.num_groups}, options);
@@ -207,7 +203,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> penalty_backward_cp
     const at::Tensor& grad_penalty, at::TensorList tensors, at::TensorList catalysts, const at::Tensor& norms,
     const c10::optional<at::Tensor>& plan_table) {
   const Plan plan = build_plan(tensors, catalysts, plan_table);
-  const auto acc_type = opmath_dtype(tensors[0].scalar_type());
+  const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   check_norms(norms, plan, acc_type);
   TORCH_CHECK_VALUE(grad_penalty.numel() == 1, "catalyst_fused: grad_penalty must have one element, got shape ",
                     grad_penalty.sizes());
@@ -235,22 +231,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> penalty_backward_cp
   return {weight_grads, catalyst_grads};
 }
 
-void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name) {
-  TORCH_CHECK_VALUE(grads.size() == like.size(), "catalyst_fused: got ", grads.size(), " ", name, " for ",
-                    like.size(), " ", like_name);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_VALUE(grads[i].defined(), "catalyst_fused: ", name, "[", i, "] is undefined");
-    TORCH_CHECK_VALUE(grads[i].sizes() == like[i].sizes(), "catalyst_fused: ", name, "[", i, "] has shape ",
-                      grads[i].sizes(), " but ", like_name, "[", i, "] has shape ", like[i].sizes());
-    TORCH_CHECK_TYPE(grads[i].scalar_type() == like[i].scalar_type(), "catalyst_fused: ", name, "[", i,
-                     "] has dtype ", dtype_name(grads[i].scalar_type()), " but ", like_name, "[", i,
-                     "] has dtype ", dtype_name(like[i].scalar_type()));
-    TORCH_CHECK_VALUE(grads[i].device() == like[i].device(), "catalyst_fused: ", name, "[", i, "] is on ",
-                      grads[i].device(), " but ", like_name, "[", i, "] is on ", like[i].device());
-    TORCH_CHECK_VALUE(grads[i].is_contiguous(), "catalyst_fused: ", name, "[", i, "] must be contiguous");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_cpu(at::TensorList tensors, at::TensorList catalysts,
                                                                         at::TensorList weight_grads,
                                                                         at::TensorList catalyst_grads, double scale,
@@ -258,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_cpu(at::Tensor
   const Plan plan = build_plan(tensors, catalysts, plan_table);
   check_grads(weight_grads, tensors, "weight_grads", "weights");
   check_grads(catalyst_grads, catalysts, "catalyst_grads", "catalysts");
-  const auto acc_type = opmath_dtype(tensors[0].scalar_type());
+  const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   const auto options = tensors[0].options().dtype(acc_type);
   at::Tensor norms = at::empty({plan.num_groups}, options);
   at::Tensor ratios = at::empty({plan.num_groups}, options);
