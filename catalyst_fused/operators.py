@@ -33,10 +33,16 @@ def cpp_available() -> bool:
     return CPP_IMPORT_ERROR is None
 
 
+# Decided once at import (and so a constant for torch.compile's tracing).
+_CUDA_KERNELS_BUILT = cpp_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "catalyst_fused::penalty_forward", "CUDA"
+)
+
+
 def cuda_kernels_built() -> bool:
     """Whether the operator library was compiled with its CUDA kernels (setup.py builds them whenever
     torch has CUDA and nvcc is found; no GPU is needed to build them)."""
-    return cpp_available() and torch._C._dispatch_has_kernel_for_dispatch_key("catalyst_fused::penalty_forward", "CUDA")
+    return _CUDA_KERNELS_BUILT
 
 
 def stats_like(weights, catalysts):

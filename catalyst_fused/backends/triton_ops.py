@@ -23,13 +23,18 @@ except Exception as error:  # triton missing or broken: the backend is reported 
     TRITON_IMPORT_ERROR = error
 
 
+# Triton reads TRITON_INTERPRET when its kernels are defined (at import), so this is fixed from then on.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors on ``device``."""
+    """Whether the Triton kernels can run on tensors on ``device``: CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1."""
     if _kernels is None:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and _INTERPRETED
 
 
 def _check_device(weights):
