@@ -103,3 +103,25 @@ def test_bad_input_is_reported():
         cf.penalty([torch.randn(2, 3)], [torch.ones(3)], backend="triton")
     with pytest.raises(TypeError, match=r"weights\[1\] has dtype torch.float64"):
         cf.penalty([torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)], [torch.ones(2), torch.ones(2)], backend="triton")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    weights = [torch.randn(3, 4), torch.randn(2, 5)]
+    catalysts = random_catalysts(weights)
+
+    def fn(ws, ds):
+        return cf.penalty(ws, ds, backend="triton", return_stats=True)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    leaves = [[t.clone().requires_grad_(True) for t in group] for group in (weights, catalysts)]
+    got = compiled(*leaves)
+    got.penalty.backward()
+    ref_leaves = [[t.clone().requires_grad_(True) for t in group] for group in (weights, catalysts)]
+    ref = cf.penalty(*ref_leaves, backend="reference", return_stats=True)
+    ref.penalty.backward()
+    torch.testing.assert_close(got.penalty, ref.penalty)
+    torch.testing.assert_close(got.ratios, ref.ratios)
+    for a, b in zip(leaves[0] + leaves[1], ref_leaves[0] + ref_leaves[1]):
+        torch.testing.assert_close(a.grad, b.grad)
