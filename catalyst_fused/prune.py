@@ -1,0 +1,100 @@
+"""Command line for the Catalyst pruning workflow.
+
+    python -m catalyst_fused.prune --model small_cnn --dataset digits --mode group --out runs/digits
+    python -m catalyst_fused.prune --out runs/digits --resume          # continue an interrupted run
+
+Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
+:mod:`catalyst_fused.pruning.workflow` for what each stage does.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Optional, Sequence
+
+from .data import DATASETS
+from .models import MODEL_NAMES
+from .pruning.targets import MODES
+from .pruning.workflow import PruneConfig, run_pipeline
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PruneConfig()
+    p = argparse.ArgumentParser(prog="python -m catalyst_fused.prune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    p.add_argument("--data-root", default=None, help="dataset directory (cifar10/cifar100/imagefolder)")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="catalyst groups: BN scales, filters, or coupled groups")
+    p.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, report.json, plots)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its saved config wins)")
+    p.add_argument("--dense-epochs", type=_nonneg_int, default=d.dense_epochs)
+    p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help="opt1 epoch budget")
+    p.add_argument("--finetune-epochs", type=_nonneg_int, default=d.finetune_epochs)
+    p.add_argument("--gamma", type=float, default=d.gamma, help="penalty weight gamma")
+    p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--c0", type=_positive_float, default=d.c0, help="catalyst init d = c0 * n")
+    group.add_argument("--target-speedup", type=_positive_float, default=None,
+                       help="calibrate c0 (bisection on short opt1 runs) for this FLOPs ratio")
+    p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs)
+    p.add_argument("--calib-iters", type=_nonneg_int, default=d.calib_iters)
+    p.add_argument("--calib-c0-max", type=_positive_float, default=d.calib_c0_max)
+    p.add_argument("--kappa", type=_positive_float, default=d.kappa, help="decided iff |log10 c| > kappa")
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
+    p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(PruneConfig) if hasattr(args, f.name)}
+    values["bn_beta"] = not args.bn_gamma_only
+    values["progress"] = not args.no_progress
+    values["plots"] = not args.no_plots
+    return PruneConfig(**values)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        result = run_pipeline(cfg, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return 0 if result.get("status") in ("done", "interrupted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Cost and quality measurements: MACs/FLOPs (forward hooks), parameters, CPU latency, accuracy."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["count_flops", "count_params", "measure_latency", "evaluate"]
+
+
+def count_flops(model: nn.Module, input_shape) -> dict:
+    """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` for one sample of ``input_shape``
+    (``(C, H, W)``), counted with forward hooks: conv ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``,
+    linear ``in * out``. Returns ``{"macs": ..., "flops": 2 * macs}`` (BN, activations, pooling and
+    biases are not counted)."""
+    total = [0]
+
+    def conv_hook(m, inp, out):
+        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inp, out):
+        total[0] += m.in_features * m.out_features * (out[0].numel() // m.out_features)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {"macs": int(total[0]), "flops": int(2 * total[0])}
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def measure_latency(model: nn.Module, input_shape, *, batch_size: int = 64, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median and minimum wall time (milliseconds) of one eval-mode forward pass of a ``batch_size`` batch
+    on the model's device (CPU for the reported figures)."""
+    p = next(model.parameters())
+    x = torch.randn(batch_size, *input_shape, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            if p.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if p.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    model.train(was_training)
+    times.sort()
+    return {"batch_size": batch_size, "median_ms": times[len(times) // 2], "min_ms": times[0], "repeats": repeats,
+            "threads": torch.get_num_threads(), "device": str(p.device)}
+
+
+def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    total = 0
+    loss = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            total += int(y.numel())
+    model.train(was_training)
+    return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "samples": total}

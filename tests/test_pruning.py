@@ -1,0 +1,324 @@
+"""The pruning workflow: targets, physical removal, verification, resume, calibration, data loaders, CLI.
+
+Everything runs on CPU with small models and a few epochs on subsets of sklearn digits.
+"""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import catalyst_fused as cf
+from catalyst_fused import prune as cli
+from catalyst_fused.data import load_dataset
+from catalyst_fused.models import build_model
+from catalyst_fused.pruning import (
+    MODES,
+    PruneConfig,
+    build_target_set,
+    count_flops,
+    count_params,
+    find_targets,
+    mask_model,
+    predict_speedup,
+    prune_model,
+    run_pipeline,
+)
+
+# A run that prunes quickly (strong penalty, c0 well above 1, kappa 1): it removes most channels of a barely
+# trained network. It checks the mechanics, not the quality (the default CLI run does that).
+FAST = dict(
+    model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
+    train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8,
+)
+
+
+def _quiet(_msg):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- targets
+def test_targets_of_the_models():
+    small = find_targets(build_model("small_cnn"))
+    assert [t.producer for t in small] == ["conv1", "conv2", "conv3"]
+    assert small[-1].consumer == "fc"  # conv3 -> bn3 -> relu -> avgpool(1) -> flatten -> fc
+
+    res = find_targets(build_model("resnet56"))
+    # only the inner channel of every block: 27 blocks, no stem, no conv2, no shortcut
+    assert len(res) == 27
+    assert all(t.producer.endswith(".conv1") and t.consumer.endswith(".conv2") for t in res)
+
+    vgg = find_targets(build_model("vgg19_bn"))
+    assert len(vgg) == 16 and vgg[-1].consumer == "classifier.0"
+
+
+def test_logit_layer_and_residual_outputs_are_never_targets():
+    model = build_model("resnet56")
+    producers = {t.producer for t in find_targets(model)}
+    assert "fc" not in producers and "conv1" not in producers
+    assert not any("shortcut" in p or p.endswith("conv2") for p in producers)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_target_set_feeds_the_penalty(mode):
+    model = build_model("small_cnn")
+    ts = build_target_set(model, mode)
+    catalysts = cf.init_catalysts(ts.weights, c0=1.0, layout=ts.layout)
+    stats = cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True)
+    assert stats.ratios.numel() == 32 + 64 + 64
+    torch.testing.assert_close(stats.ratios, torch.ones_like(stats.ratios))
+
+
+# ------------------------------------------------------------------------------------------- surgery
+@pytest.mark.parametrize("name,shape", [("small_cnn", (1, 8, 8)), ("resnet56", (3, 16, 16)), ("vgg19_bn", (3, 32, 32))])
+def test_pruned_model_is_smaller_runs_and_equals_masked_model(name, shape):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    targets = find_targets(model)
+    keep = {t.producer: torch.randperm(t.channels)[: max(1, t.channels // 3)].tolist() for t in targets}
+    pruned = prune_model(model, targets, keep).eval()
+    masked = mask_model(model, targets, keep).eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert count_params(pruned) < count_params(model)
+    assert count_flops(pruned, shape)["macs"] < count_flops(model, shape)["macs"]
+    # genuinely smaller modules, not masks
+    for t in targets:
+        assert dict(pruned.named_modules())[t.producer].out_channels == len(keep[t.producer])
+    # the original is untouched
+    assert dict(model.named_modules())[targets[0].producer].out_channels == targets[0].channels
+
+
+@pytest.mark.parametrize("mode", ["bn", "group"])
+def test_removing_zero_groups_keeps_the_function(mode):
+    """A channel whose group is exactly 0 (what c -> inf means) can be removed without changing outputs."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    # make BN running stats non-trivial
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 1, 8, 8))
+    model.eval()
+    targets = find_targets(model)
+    ts = build_target_set(model, mode, targets=targets)
+    modules = dict(model.named_modules())
+    keep = {}
+    with torch.no_grad():
+        for t in targets:
+            drop = torch.arange(0, t.channels, 2)
+            bn = modules[t.bn]
+            bn.weight[drop] = 0
+            bn.bias[drop] = 0
+            if mode == "group":
+                modules[t.producer].weight[drop] = 0
+                modules[t.consumer].weight[:, drop] = 0
+            keep[t.producer] = torch.arange(1, t.channels, 2).tolist()
+    norms = cf.group_norms(ts.weights, layout=ts.layout)
+    assert int((norms == 0).sum()) == sum(t.channels // 2 for t in targets)
+    x = torch.randn(4, 1, 8, 8)
+    pruned = prune_model(model, targets, keep).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prune_model_rejects_empty_and_out_of_range_keeps():
+    model = build_model("small_cnn")
+    targets = find_targets(model)
+    with pytest.raises(ValueError, match="conv1"):
+        prune_model(model, targets, {"conv1": []})
+    with pytest.raises(ValueError, match="out of range"):
+        prune_model(model, targets, {"conv1": [0, 99]})
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+REPORT_KEYS = {
+    "status", "config", "dataset", "targets", "c0_used", "stages", "accuracy", "cost", "per_layer_kept",
+    "margin_log10c", "undecided_total", "history", "runtime_s", "plots",
+}
+
+
+def test_pipeline_prunes_verifies_and_reports(tmp_path):
+    cfg = PruneConfig(out=str(tmp_path / "run"), **FAST)
+    report = run_pipeline(cfg, log=_quiet)
+    assert REPORT_KEYS <= set(report)
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert REPORT_KEYS <= set(on_disk)
+    for stage in ("dense", "regularized", "after_removal", "after_finetune"):
+        assert 0 <= on_disk["accuracy"][stage] <= 100
+    cost = on_disk["cost"]
+    for side in ("dense", "pruned"):
+        assert cost[side]["flops"]["macs"] > 0 and cost[side]["params"] > 0 and cost[side]["latency"]["median_ms"] > 0
+    assert cost["flops_ratio"] > 1.0 and cost["params_ratio"] > 1.0  # something was removed
+    prune = on_disk["stages"]["prune"]
+    assert prune["channels_pruned"] > 0
+    assert set(prune["per_layer"]) == {"conv1", "conv2", "conv3"}
+    assert prune["verification"]["surgery_ok"]
+    # decided channels only were removed, so the pruned model computes the regularized model's function
+    assert prune["verification"]["function_ok"], prune["verification"]
+    assert prune["accuracy_after_removal"] == pytest.approx(prune["accuracy_regularized"], abs=2.0)
+    assert prune["margin_log10c"] is not None
+    opt1 = next(h for h in on_disk["history"] if h["stage"] == "opt1")
+    assert opt1["stage"] == "opt1" and "fraction_decided" in opt1 and "hist" in opt1["layers"]["conv1"]
+    saved = torch.load(tmp_path / "run" / "pruned_model.pt", weights_only=False)
+    out = saved["model"].eval()(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 10)
+    assert count_params(saved["model"]) == cost["pruned"]["params"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    kw = dict(FAST, dense_epochs=1, epochs=2, finetune_epochs=2, train_limit=192, test_limit=64, plots=True)
+    straight = run_pipeline(PruneConfig(out=str(tmp_path / "a"), **kw), log=_quiet)
+    # interrupted after 2 training epochs (dense 1 + opt1 1), resumed for 2 more (opt1 2 + fine-tune 1), then to the end
+    first = run_pipeline(PruneConfig(out=str(tmp_path / "b"), **kw), stop_after_epochs=2, log=_quiet)
+    assert first["status"] == "interrupted" and first["stage"] == "opt1"
+    second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=_quiet)
+    assert second["status"] == "interrupted" and second["stage"] == "finetune"
+    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=_quiet)
+    a = torch.load(tmp_path / "a" / "pruned_model.pt", weights_only=False)["model"].state_dict()
+    b = torch.load(tmp_path / "b" / "pruned_model.pt", weights_only=False)["model"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["accuracy"] == resumed["accuracy"]
+    assert straight["per_layer_kept"] == resumed["per_layer_kept"]
+    assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
+
+
+def test_calibration_moves_the_pruned_fraction_the_right_way():
+    torch.manual_seed(0)
+    train, _, _ = load_dataset("digits", image_size=8, channels=1)
+    train = torch.utils.data.Subset(train, range(256))
+    model = build_model("small_cnn")
+    # kappa 0.5: with lr_eff * gamma = 0.05 per step, c saturates near 20 (log10 1.3) in so short a run
+    cfg = PruneConfig(gamma=0.1, calib_epochs=4, kappa=0.5, progress=False)
+    low = predict_speedup(model, cfg, train, 0.8, (1, 8, 8))
+    high = predict_speedup(model, cfg, train, 2.0, (1, 8, 8))
+    assert low < high and high > 1.5
+
+
+def test_pipeline_with_target_speedup_records_the_calibration(tmp_path):
+    cfg = PruneConfig(out=str(tmp_path / "t"), target_speedup=1.5, calib_epochs=1, calib_iters=2, calib_c0_max=2.0,
+                      **dict(FAST, epochs=1, finetune_epochs=0, c0=1.0, train_limit=128, test_limit=64))
+    report = run_pipeline(cfg, log=_quiet)
+    cal = report["stages"]["calibration"]
+    assert cal["target_speedup"] == 1.5 and 1.0 < cal["c0"] <= 2.0 and len(cal["trials"]) >= 1
+    assert report["c0_used"] == cal["c0"]
+
+
+# --------------------------------------------------------------------------------------- bad configs
+def test_bad_configurations_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--mode"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "x"), mode="channel"), log=_quiet)
+    with pytest.raises(ValueError, match="--model"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "x"), model="lenet"), log=_quiet)
+    with pytest.raises(ValueError, match="unknown pruning mode 'channel'"):
+        build_target_set(build_model("small_cnn"), "channel")
+    with pytest.raises(ValueError, match="no prunable layer"):
+        build_target_set(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "bn")
+    with pytest.raises(ValueError, match="no prunable layer"):  # conv whose output is the logits
+        build_target_set(nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten()), "filter")
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        load_dataset("cifar10", missing)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "empty")), resume=True, log=_quiet)
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--mode", "channel", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--mode" in capsys.readouterr().err
+    missing = str(tmp_path / "missing")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--dataset", "imagefolder", "--data-root", missing, "--model", "resnet56", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--dataset", "cifar10", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--data-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--c0", "1.1", "--target-speedup", "2", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+
+
+def test_cli_runs_a_tiny_configuration(tmp_path):
+    out = tmp_path / "cli"
+    code = cli.main(["--out", str(out), "--dense-epochs", "1", "--epochs", "1", "--finetune-epochs", "0",
+                     "--no-progress", "--no-plots", "--gamma", "0.5", "--c0", "2", "--kappa", "1",
+                     "--stop-after-epochs", "1"])
+    assert code == 0
+    assert (out / "checkpoint.pt").exists()
+    assert cli.main(["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["status"] == "done"
+
+
+# --------------------------------------------------------------------------------------- data loaders
+def test_digits_split_is_deterministic():
+    a_train, a_test, info = load_dataset("digits", image_size=32, channels=3)
+    b_train, _, _ = load_dataset("digits", image_size=32, channels=3)
+    assert (info.train_size, info.test_size, info.num_classes) == (1400, 397, 10)
+    assert a_train[0][0].shape == (3, 32, 32)
+    assert torch.equal(a_train.tensors[1], b_train.tensors[1])
+
+
+def _write_png(path, value):
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 12, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_imagefolder_loader_on_tiny_files(tmp_path):
+    root = tmp_path / "imgs"
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            _write_png(root / cls / f"{i}.png", 40 * c + i)
+    train, test, info = load_dataset("imagefolder", str(root), image_size=16, channels=3)
+    assert info.num_classes == 2 and len(train) + len(test) == 10 and len(test) == 2
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and y in (0, 1)
+    # train/ + val/ layout
+    split = tmp_path / "split"
+    for sub in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            (split / sub / cls).mkdir(parents=True)
+            _write_png(split / sub / cls / "0.png", 100)
+    train, test, info = load_dataset("imagefolder", str(split), image_size=8, channels=1)
+    assert info.num_classes == 3 and len(train) == 3 and len(test) == 3 and train[0][0].shape == (1, 8, 8)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset("imagefolder", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_on_tiny_pickle_files(tmp_path, monkeypatch, name):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    # The tiny files cannot match torchvision's md5 sums; everything else is the real loader.
+    monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = tmp_path / cls.base_folder
+    folder.mkdir()
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    rng = np.random.default_rng(0)
+    for fname, _ in cls.train_list + cls.test_list:
+        entry = {"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), label_key: [0, 1, 2, 1]}
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f)
+    classes = [f"class{i}" for i in range(10 if name == "cifar10" else 100)]
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: classes}, f)
+    train, test, info = load_dataset(name, str(tmp_path), image_size=32, channels=3)
+    assert len(train) == 4 * len(cls.train_list) and len(test) == 4
+    assert info.num_classes == len(classes)
+    x, y = train[1]
+    assert x.shape == (3, 32, 32) and y == 1
+    # an existing directory without the files: clear error naming the path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        load_dataset(name, str(empty))
