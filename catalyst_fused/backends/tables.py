@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 # Columns of ``members`` (device int64 [M, MEMBER_FIELDS]).
-M_TENSOR, M_DIM, M_START, M_COUNT, M_SEGMENT, M_GROUP_BEGIN, M_SLICE_STRIDE, M_OUTER, M_OUTER_STRIDE, M_INNER, M_LOCAL = range(11)
-MEMBER_FIELDS = 11
+M_TENSOR, M_DIM, M_START, M_COUNT, M_SEGMENT, M_GROUP_BEGIN, M_SLICE_STRIDE, M_OUTER, M_OUTER_STRIDE, M_INNER = range(10)
+MEMBER_FIELDS = 10
 
 
 @dataclass
@@ -90,7 +90,7 @@ def build_tables(shapes: Sequence[tuple[int, ...]], segment_sizes: Sequence[int]
             for s in shape[2:]:
                 inner *= s
             outer, outer_stride, slice_stride = shape[0], shape[1] * inner, inner
-        members.append([t, dim, start, count, seg, segment_offsets[seg] + seg_start, slice_stride, outer, outer_stride, inner, seg_start])
+        members.append([t, dim, start, count, seg, segment_offsets[seg] + seg_start, slice_stride, outer, outer_stride, inner])
     seg_offsets, seg_members = _csr([m[M_SEGMENT] for m in members], len(segment_sizes))
     ten_offsets, ten_members = _csr([m[M_TENSOR] for m in members], len(shapes))
     row_offsets, row_lengths, column_block = [0], [], []
