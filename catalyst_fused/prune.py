@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--c0", type=_positive_float, default=d.c0, help="catalyst init d = c0 * n")
     group.add_argument("--target-speedup", type=_positive_float, default=None,
-                       help="calibrate c0 (bisection on short opt1 runs) for this FLOPs ratio")
-    p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs)
+                       help="calibrate c0 (bisection over opt1 trial runs) for this FLOPs ratio")
+    p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs,
+                   help="opt1 epochs per calibration trial; 0 (default) = the full opt1 with its stop rule (exact)")
     p.add_argument("--calib-iters", type=_nonneg_int, default=d.calib_iters)
     p.add_argument("--calib-c0-max", type=_positive_float, default=d.calib_c0_max)
     p.add_argument("--kappa", type=_positive_float, default=d.kappa, help="decided iff |log10 c| > kappa")

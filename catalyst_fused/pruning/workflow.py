@@ -31,8 +31,9 @@ Choices **[our reading]**, stated here once:
   function) to ``1e-4 * max|logits|`` (checks the surgery), and the regularized model itself to
   ``verify_rtol * max|logits|`` (default 1e-2; checks that removed channels were really ~0). Both figures
   are reported; a failed check is reported, not raised.
-* Target speed-up: ``c0`` is calibrated by bisection on ``[1, calib_c0_max]``: each trial runs
-  ``calib_epochs`` of opt1 from the dense weights and predicts the FLOPs ratio with the final decision
+* Target speed-up: ``c0`` is calibrated by geometric bisection on ``[1 / calib_c0_max, calib_c0_max]``: each trial runs opt1 from the
+  dense weights (by default the full budget with the stop rule, i.e. exactly the run the pipeline then
+  makes; ``calib_epochs > 0`` for shorter, cheaper, under-predicting trials) and predicts the FLOPs ratio with the final decision
   rule (decided channels with ``c > 1``); the smallest tested ``c0`` whose prediction reaches the target is used (or
   ``calib_c0_max`` if none does, reported as not reached). Larger ``c0`` prunes more (section 3/8).
 * Determinism: the data order of epoch ``e`` of a stage comes from a generator seeded with
@@ -84,8 +85,8 @@ class PruneConfig:
     gamma_warmup: int = 0
     c0: float = 1.2
     target_speedup: Optional[float] = None
-    calib_epochs: int = 15
-    calib_iters: int = 4
+    calib_epochs: int = 0  # 0: each calibration trial is the full opt1 (exact prediction)
+    calib_iters: int = 6
     calib_c0_max: float = 1.5
     kappa: float = 2.0
     lr: float = 0.05
@@ -276,21 +277,23 @@ def _input_format(cfg: PruneConfig) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- calibration
 def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_shape, device="cpu") -> float:
-    """The FLOPs ratio (dense / pruned) predicted for ``c0``: ``cfg.calib_epochs`` of opt1 on a copy of
-    ``dense_model``, then the final decision rule (remove channels with ``log10 c > kappa``).
+    """The FLOPs ratio (dense / pruned) predicted for ``c0``: opt1 on a copy of ``dense_model``, then the
+    final decision rule (remove decided channels with ``log10 c > kappa``).
 
-    Channels that already passed ``log10 c > kappa`` are rarely rescued, while channels merely above 1
-    often are (a first version that removed every ``c > 1`` channel predicted 127x where the full run gave
-    ~2.5x). A short run therefore tends to *under*-predict, and the calibrated ``c0`` errs towards pruning
-    more than the target; ``calib_epochs`` trades calibration time for accuracy."""
+    With ``cfg.calib_epochs == 0`` (the default) the trial is exactly the opt1 the pipeline runs: the same
+    epoch budget, stop rule, data order and initial state, so the prediction is the result the pipeline
+    will get for this ``c0``. A positive ``calib_epochs`` runs a shorter trial (cheaper, but it
+    under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
     targets = find_targets(dense_model)
     model = copy.deepcopy(dense_model)
     ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
     catalysts = F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
     opt = _opt1_optimizer(model, catalysts, cfg)
-    for e in range(cfg.calib_epochs):
+    for e in range(cfg.calib_epochs or cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
         _train_epoch(model, loader, opt, device, penalty=(ts, catalysts, _gamma_t(cfg, e)))
+        if not cfg.calib_epochs and _catalyst_stats(ts, catalysts, cfg.kappa)["undecided"] == 0:
+            break  # the pipeline's stop rule
     with torch.no_grad():
         flat = F_cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True).ratios
     decisions = decide(F_cf.split_per_weight(flat, catalysts), cfg.kappa)
@@ -300,7 +303,7 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
 
 
 def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="cpu", log=print) -> dict:
-    """Bisection over ``c0`` in ``[1, cfg.calib_c0_max]`` for ``cfg.target_speedup`` (see the module
+    """Geometric bisection over ``c0`` in ``[1 / cfg.calib_c0_max, cfg.calib_c0_max]`` for ``cfg.target_speedup`` (see the module
     docstring); leaves the global RNG state unchanged."""
     rng = _rng_state()
     cache: dict[float, float] = {}
@@ -311,13 +314,15 @@ def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="
             log(f"  calibrate: c0={c0:.4f} -> predicted speed-up {cache[c0]:.3f}x")
         return cache[c0]
 
-    lo, hi = 1.0, cfg.calib_c0_max
+    # c0 < 1 starts every channel on the keep side (prunes less), c0 > 1 on the prune side: search both,
+    # geometrically, in [1 / calib_c0_max, calib_c0_max].
+    lo, hi = 1.0 / cfg.calib_c0_max, cfg.calib_c0_max
     trials = [{"c0": hi, "predicted_speedup": ratio(hi)}]
     best = hi
     reached = trials[0]["predicted_speedup"] >= cfg.target_speedup
     if reached:
         for _ in range(cfg.calib_iters):
-            mid = 0.5 * (lo + hi)
+            mid = math.sqrt(lo * hi)
             r = ratio(mid)
             trials.append({"c0": mid, "predicted_speedup": r})
             if r >= cfg.target_speedup:
@@ -327,7 +332,8 @@ def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="
     _set_rng_state(rng)
     return {"target_speedup": cfg.target_speedup, "c0": best, "reached_in_calibration": reached, "trials": trials,
             "calib_epochs": cfg.calib_epochs,
-            "method": "bisection on [1, calib_c0_max]; smallest tested c0 whose short-run prediction reaches the target"}
+            "method": "geometric bisection on [1/calib_c0_max, calib_c0_max]; smallest tested c0 whose predicted speed-up reaches the target "
+                      "(calib_epochs 0: each trial is the full opt1 run, so the prediction is exact)"}
 
 
 # ------------------------------------------------------------------------------------------------ plots
