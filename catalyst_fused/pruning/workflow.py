@@ -453,28 +453,36 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     def timed(stage, t0):
         elapsed[stage] = elapsed.get(stage, 0.0) + time.perf_counter() - t0
 
-    # ---- dense training
-    if state["stage"] == "dense":
+    def supervised_stage(stage: str, epochs: int, lr: float) -> Optional[dict]:
+        """Plain training with a cosine schedule (dense training, fine-tuning), resumable epoch by epoch;
+        returns the interruption result, or None when the stage is complete."""
         t0 = time.perf_counter()
-        opt = _sgd(model.parameters(), cfg, cfg.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.dense_epochs, 1))
+        opt = _sgd(model.parameters(), cfg, lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-        for e in range(state["epoch"], cfg.dense_epochs):
-            loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "dense", e))
-            rec = _train_epoch(model, loader, opt, device, progress=cfg.progress, desc=f"dense {e + 1}/{cfg.dense_epochs}")
+        for e in range(state["epoch"], epochs):
+            loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, stage, e))
+            rec = _train_epoch(model, loader, opt, device, progress=cfg.progress, desc=f"{stage} {e + 1}/{epochs}")
             sched.step()
-            rec.update(stage="dense", epoch=e + 1, test_accuracy=evaluate(model, test_loader, device)["accuracy"])
+            rec.update(stage=stage, epoch=e + 1, test_accuracy=evaluate(model, test_loader, device)["accuracy"])
             history.append(rec)
-            log(f"dense {e + 1}/{cfg.dense_epochs}: loss {rec['train_loss']:.4f} test acc {rec['test_accuracy']:.2f}%")
-            checkpoint("dense", e + 1, opt=opt, sched=sched)
+            log(f"{stage} {e + 1}/{epochs}: loss {rec['train_loss']:.4f} test acc {rec['test_accuracy']:.2f}%")
+            checkpoint(stage, e + 1, opt=opt, sched=sched)
             if interrupted():
-                timed("dense", t0)
-                checkpoint("dense", e + 1, opt=opt, sched=sched)
-                return {"status": "interrupted", "stage": "dense", "epoch": e + 1}
-        timed("dense", t0)
-        report["dense"] = {"epochs": cfg.dense_epochs, **evaluate(model, test_loader, device)}
+                timed(stage, t0)
+                checkpoint(stage, e + 1, opt=opt, sched=sched)
+                return {"status": "interrupted", "stage": stage, "epoch": e + 1}
+        report[stage] = {"epochs": epochs, **evaluate(model, test_loader, device)}
+        timed(stage, t0)
+        return None
+
+    # ---- dense training
+    if state["stage"] == "dense":
+        interruption = supervised_stage("dense", cfg.dense_epochs, cfg.lr)
+        if interruption is not None:
+            return interruption
         checkpoint("calibrate", 0)
 
     # ---- c0 calibration for a target speed-up
@@ -592,26 +600,9 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
 
     # ---- fine-tuning
     if state["stage"] == "finetune":
-        t0 = time.perf_counter()
-        opt = _sgd(model.parameters(), cfg, cfg.finetune_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.finetune_epochs, 1))
-        if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        for e in range(state["epoch"], cfg.finetune_epochs):
-            loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "finetune", e))
-            rec = _train_epoch(model, loader, opt, device, progress=cfg.progress, desc=f"finetune {e + 1}/{cfg.finetune_epochs}")
-            sched.step()
-            rec.update(stage="finetune", epoch=e + 1, test_accuracy=evaluate(model, test_loader, device)["accuracy"])
-            history.append(rec)
-            log(f"finetune {e + 1}/{cfg.finetune_epochs}: loss {rec['train_loss']:.4f} test acc {rec['test_accuracy']:.2f}%")
-            checkpoint("finetune", e + 1, opt=opt, sched=sched)
-            if interrupted():
-                timed("finetune", t0)
-                checkpoint("finetune", e + 1, opt=opt, sched=sched)
-                return {"status": "interrupted", "stage": "finetune", "epoch": e + 1}
-        report["finetune"] = {"epochs": cfg.finetune_epochs, **evaluate(model, test_loader, device)}
-        timed("finetune", t0)
+        interruption = supervised_stage("finetune", cfg.finetune_epochs, cfg.finetune_lr)
+        if interruption is not None:
+            return interruption
         checkpoint("done", 0)
 
     # ---- report
