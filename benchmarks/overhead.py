@@ -600,6 +600,10 @@ def bench_weight_set(name: str, providers: list[str], modes: list[str], args, de
     return rows
 
 
+def _ratio_text(row: dict, key: str) -> str:
+    return f"{float(row[key]):.2f}x" if row[key] != "" else "-"
+
+
 def print_table(rows: list[dict]) -> None:
     header = (
         f"  {'mode':<8} {'provider':<12} {'median ms':>10} {'p20 ms':>10} {'p80 ms':>10} {'reps':>5} "
@@ -608,13 +612,10 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("  " + "-" * (len(header) - 2))
     for row in rows:
-        def x(key):
-            return f"{float(row[key]):.2f}x" if row[key] != "" else "-"
-
         print(
             f"  {row['mode']:<8} {row['provider']:<12} {float(row['median_ms']):>10.3f} {float(row['p20_ms']):>10.3f} "
-            f"{float(row['p80_ms']):>10.3f} {row['reps']:>5} {x('speedup_vs_eager'):>9} {x('speedup_vs_compile'):>10} "
-            f"{x('ratio_vs_floor'):>9} {row['cold_compile_s'] or '-':>7} {row['page_faults'] or '-':>7}"
+            f"{float(row['p80_ms']):>10.3f} {row['reps']:>5} {_ratio_text(row, 'speedup_vs_eager'):>9} {_ratio_text(row, 'speedup_vs_compile'):>10} "
+            f"{_ratio_text(row, 'ratio_vs_floor'):>9} {row['cold_compile_s'] or '-':>7} {row['page_faults'] or '-':>7}"
         )
     sys.stdout.flush()
 
@@ -625,12 +626,9 @@ def print_summary(rows: list[dict], provider: str = "cpp", mode: str = "full") -
         return
     print(f"\nSummary, {provider} in {mode} mode (speedup = other / {provider}; vs floor = {provider} / floor):")
     for r in picked:
-        def x(key):
-            return f"{float(r[key]):.2f}x" if r[key] != "" else "-"
-
         print(
-            f"  {r['weight_set']:<16} {float(r['median_ms']):9.3f} ms   vs eager {x('speedup_vs_eager'):>7}   "
-            f"vs compile {x('speedup_vs_compile'):>7}   vs floor {x('ratio_vs_floor'):>7}"
+            f"  {r['weight_set']:<16} {float(r['median_ms']):9.3f} ms   vs eager {_ratio_text(r, 'speedup_vs_eager'):>7}   "
+            f"vs compile {_ratio_text(r, 'speedup_vs_compile'):>7}   vs floor {_ratio_text(r, 'ratio_vs_floor'):>7}"
         )
 
 
