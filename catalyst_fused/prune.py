@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from .data import DATASETS
 from .models import MODEL_NAMES
+from .pruning.methods import METHODS
 from .pruning.targets import MODES
 from .pruning.workflow import PruneConfig, run_pipeline
 
@@ -45,23 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--data-root", default=None, help="dataset directory (cifar10/cifar100/imagefolder)")
+    p.add_argument("--method", choices=list(METHODS), default=d.method,
+                   help="catalyst, or a baseline on the same kernels: group_lasso, slimming, lats, lats_group")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="catalyst groups: BN scales, filters, or coupled groups")
     p.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, report.json, plots)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its saved config wins)")
     p.add_argument("--dense-epochs", type=_nonneg_int, default=d.dense_epochs)
     p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help="opt1 epoch budget")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=d.finetune_epochs)
-    p.add_argument("--gamma", type=float, default=d.gamma, help="penalty weight gamma")
+    p.add_argument("--gamma", type=float, default=d.gamma,
+                   help="penalty weight gamma (the L1 / Group Lasso weight lam of the baselines)")
     p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--c0", type=_positive_float, default=d.c0, help="catalyst init d = c0 * n")
     group.add_argument("--target-speedup", type=_positive_float, default=None,
-                       help="calibrate c0 (bisection over opt1 trial runs) for this FLOPs ratio")
+                       help="FLOPs ratio to reach: Catalyst calibrates c0 (bisection over opt1 trial runs); "
+                            "the baselines remove channels in the order of their statistic until it is reached")
     p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs,
                    help="opt1 epochs per calibration trial; 0 (default) = the full opt1 with its stop rule (exact)")
     p.add_argument("--calib-iters", type=_nonneg_int, default=d.calib_iters)
     p.add_argument("--calib-c0-max", type=_positive_float, default=d.calib_c0_max)
     p.add_argument("--kappa", type=_positive_float, default=d.kappa, help="decided iff |log10 c| > kappa")
+    p.add_argument("--norm-threshold", type=_positive_float, default=d.norm_threshold,
+                   help="baselines without --target-speedup: remove groups with norm <= this")
+    p.add_argument("--dense-checkpoint", default=None,
+                   help="start from these dense weights (e.g. dense_model.pt of an earlier run) instead of training")
+    p.add_argument("--noise-level", type=float, default=d.noise_level, help="relative weight noise for the decision-flip figure")
+    p.add_argument("--noise-draws", type=int, default=d.noise_draws)
     p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
     p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)

@@ -61,6 +61,7 @@ from torch.utils.data import Subset
 from .. import functional as F_cf
 from ..data import DATASETS, load_dataset, make_loader
 from ..models import MODEL_NAMES, build_model
+from .methods import METHODS, PruningMethod, decision_flips, get_method, rank_decisions, spearman, threshold_decisions, top_k_decisions
 from .metrics import count_flops, count_params, evaluate, measure_latency
 from .surgery import mask_model, prune_model, slice_catalysts
 from .targets import MODES, build_target_set, find_targets
@@ -76,6 +77,7 @@ class PruneConfig:
     model: str = "small_cnn"
     dataset: str = "digits"
     data_root: Optional[str] = None
+    method: str = "catalyst"
     mode: str = "group"
     out: str = "prune_out"
     dense_epochs: int = 15
@@ -105,6 +107,10 @@ class PruneConfig:
     plots: bool = True
     train_limit: Optional[int] = None  # use only the first N training / test samples (smoke tests)
     test_limit: Optional[int] = None
+    dense_checkpoint: Optional[str] = None  # start from these dense weights (a state_dict file) instead of training
+    norm_threshold: float = 1e-2  # baselines without a target speed-up: remove groups with n_i <= this
+    noise_level: float = 0.01  # relative weight noise for the decision-robustness figure
+    noise_draws: int = 5
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -113,6 +119,15 @@ class PruneConfig:
             raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        get_method(self.method)  # raises for an unknown --method
+        if not (self.norm_threshold > 0 and math.isfinite(self.norm_threshold)):
+            raise ValueError(f"--norm-threshold must be a positive finite number, got {self.norm_threshold}")
+        if not (self.noise_level >= 0 and math.isfinite(self.noise_level)):
+            raise ValueError(f"--noise-level must be a finite number >= 0, got {self.noise_level}")
+        if self.noise_draws < 1:
+            raise ValueError(f"--noise-draws must be >= 1, got {self.noise_draws}")
+        if self.dense_checkpoint is not None and not Path(self.dense_checkpoint).is_file():
+            raise ValueError(f"--dense-checkpoint: no file at {self.dense_checkpoint}")
         for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -169,16 +184,12 @@ def _epoch_seed(seed: int, stage: str, epoch: int) -> int:
     return int(seed) * 1000 + STAGES.index(stage) * 100 + int(epoch)
 
 
-def _log10(c: torch.Tensor) -> torch.Tensor:
-    return torch.log10(c.double().clamp_min(1e-300))
-
-
-def decide(ratios: list, kappa: float) -> list[dict]:
-    """Per segment: masks ``prune`` (decided and ``c > 1``), ``undecided`` (``|log10 c| <= kappa``), and
-    ``keep`` indices (at least one per segment: see ``forced_keep``)."""
+def decide(log10c: list, kappa: float) -> list[dict]:
+    """Catalyst's rule, per segment of ``log10 c``: masks ``prune`` (decided and ``c > 1``), ``undecided``
+    (``|log10 c| <= kappa``), and ``keep`` indices (at least one per segment: see ``forced_keep``)."""
     out = []
-    for c in ratios:
-        lc = _log10(c.detach().cpu())
+    for lc in log10c:
+        lc = lc.detach().double().cpu()
         undecided = lc.abs() <= kappa
         prune = (~undecided) & (lc > 0)
         forced = False
@@ -189,6 +200,68 @@ def decide(ratios: list, kappa: float) -> list[dict]:
         keep = (~prune).nonzero().flatten()
         out.append({"log10c": lc, "prune": prune, "undecided": undecided, "keep": keep, "forced_keep": forced})
     return out
+
+
+def _decisions_from_masks(scores: list, masks: list) -> list[dict]:
+    """The baselines' decisions in :func:`decide`'s format (no undecided channels)."""
+    return [{"log10c": s, "prune": m, "undecided": torch.zeros_like(m), "keep": (~m).nonzero().flatten(),
+             "forced_keep": bool(m.sum() == len(m) - 1 and len(m) > 1)} for s, m in zip(scores, masks)]
+
+
+def _method_decisions(method: PruningMethod, cfg: PruneConfig, model, ts, catalysts, targets, input_shape):
+    """The method's decisions (in :func:`decide`'s format), the rule in words, and how many decisions flip
+    under ``cfg.noise_level`` relative weight noise with the same rule."""
+    scores = method.scores(ts, catalysts)
+    if method.self_deciding:
+        decisions = decide(scores, cfg.kappa)
+        rule = f"remove iff |log10 c| > kappa={cfg.kappa} and c > 1; undecided channels are kept"
+
+        def redecide(sc):
+            return [d["prune"] for d in decide(sc, cfg.kappa)]
+    elif cfg.target_speedup is not None:
+        dense_macs = count_flops(model, input_shape)["macs"]
+
+        def speedup_of(masks):
+            keep = {t.producer: (~m).nonzero().flatten().tolist() for t, m in zip(targets, masks)}
+            return dense_macs / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
+
+        masks = rank_decisions(scores, speedup_of, cfg.target_speedup)
+        k = sum(int(m.sum()) for m in masks)
+        decisions = _decisions_from_masks(scores, masks)
+        rule = (f"remove the {k} channels with the largest {method.statistic} (one global ranking), the fewest "
+                f"that reach a {cfg.target_speedup}x FLOPs ratio")
+
+        def redecide(sc):
+            return top_k_decisions(sc, k)
+    else:
+        threshold = -math.log10(cfg.norm_threshold)
+        decisions = _decisions_from_masks(scores, threshold_decisions(scores, threshold))
+        rule = f"remove iff the group norm n_i <= norm_threshold={cfg.norm_threshold}"
+
+        def redecide(sc):
+            return threshold_decisions(sc, threshold)
+    robustness = decision_flips(redecide, lambda w: method.scores(ts, catalysts, w), ts.weights,
+                                [d["prune"] for d in decisions], noise=cfg.noise_level, draws=cfg.noise_draws,
+                                seed=cfg.seed)
+    return decisions, rule, robustness
+
+
+def _magnitude_bias(initial_norms: torch.Tensor, decisions: list[dict]) -> dict:
+    """Spearman rank correlations between each channel's group norm when the sparsity stage started and
+    its decision statistic / its decision (1 = pruned): near 0 means no magnitude bias."""
+    stat = torch.cat([d["log10c"] for d in decisions])
+    pruned = torch.cat([d["prune"] for d in decisions]).double()
+    per_layer = []
+    start = 0
+    for d in decisions:
+        n = len(d["log10c"])
+        r = spearman(initial_norms[start : start + n], d["log10c"])
+        if r is not None:
+            per_layer.append(r)
+        start += n
+    return {"spearman_initial_norm_vs_statistic": spearman(initial_norms, stat),
+            "spearman_initial_norm_vs_pruned": spearman(initial_norms, pruned),
+            "spearman_within_layer_mean": sum(per_layer) / len(per_layer) if per_layer else None}
 
 
 def _margin(decisions: list[dict], exclude: bool = False) -> Optional[float]:
@@ -203,24 +276,31 @@ def _margin(decisions: list[dict], exclude: bool = False) -> Optional[float]:
     return float(pruned.min() - kept.max())
 
 
-def _catalyst_stats(ts, catalysts, kappa: float) -> dict:
+def _catalyst_stats(ts, catalysts, kappa: float, method: Optional[PruningMethod] = None) -> dict:
+    """Per-layer figures of the decision statistic ``s`` (``log10 c`` for Catalyst; see methods.py).
+
+    Keys keep Catalyst's names (``log10c_gt_0`` = ``s > 0``). "Decided" (``|s| > kappa``) is Catalyst's
+    stop rule; the baselines have none, so all their channels count as decided."""
+    method = method or get_method("catalyst")
     with torch.no_grad():
-        stats = F_cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True)
-    ratios = F_cf.split_per_weight(stats.ratios, catalysts)
+        if method.uses_catalysts:
+            penalty = float(F_cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True).penalty)
+        else:
+            penalty = float(method.norms(ts).sum())  # the Group Lasso value sum_i n_i
+    scores = method.scores(ts, catalysts)
     layers = {}
     total = decided = above = 0
-    for name, c in zip(ts.segment_names, ratios):
-        lc = _log10(c.cpu())
+    for name, lc in zip(ts.segment_names, scores):
         hist, _ = np.histogram(lc.clamp(HIST_BINS[0], HIST_BINS[-1]).numpy(), bins=HIST_BINS)
-        n_dec = int((lc.abs() > kappa).sum())
+        n_dec = int((lc.abs() > kappa).sum()) if method.self_deciding else int(lc.numel())
         n_above = int((lc > 0).sum())
         layers[name] = {"channels": int(lc.numel()), "decided": n_dec, "log10c_gt_0": n_above,
                         "min_log10c": float(lc.min()), "max_log10c": float(lc.max()), "hist": hist.tolist()}
         total += lc.numel()
         decided += n_dec
         above += n_above
-    return {"penalty": float(stats.penalty), "fraction_decided": decided / total, "fraction_c_gt_1": above / total,
-            "undecided": total - decided, "layers": layers, "ratios": ratios}
+    return {"penalty": penalty, "statistic": method.statistic, "fraction_decided": decided / total,
+            "fraction_c_gt_1": above / total, "undecided": total - decided, "layers": layers, "scores": scores}
 
 
 def _sgd(params, cfg: PruneConfig, lr: float):
@@ -228,7 +308,8 @@ def _sgd(params, cfg: PruneConfig, lr: float):
 
 
 def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, desc="") -> dict:
-    """One epoch of cross-entropy training; ``penalty = (ts, catalysts, gamma)`` adds ``gamma * R``."""
+    """One epoch of cross-entropy training; ``penalty = (method, ts, catalysts, gamma)`` adds the method's
+    sparsity term (its gradient after ``backward``, its proximal step after ``step``)."""
     model.train()
     crit = nn.CrossEntropyLoss()
     total_loss = 0.0
@@ -239,15 +320,19 @@ def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, de
         loss = crit(model(x), y)
         loss.backward()
         if penalty is not None:
-            ts, catalysts, gamma = penalty
-            F_cf.penalty_(ts.weights, catalysts, scale=gamma, layout=ts.layout)
+            method, ts, catalysts, gamma = penalty
+            method.after_backward(ts, catalysts, gamma)
         opt.step()
+        if penalty is not None:
+            method.after_step(ts, gamma, opt.param_groups[0]["lr"])
         total_loss += loss.item() * y.numel()
         n += y.numel()
     return {"train_loss": total_loss / max(n, 1)}
 
 
-def _opt1_optimizer(model, catalysts, cfg: PruneConfig):
+def _opt1_optimizer(model, catalysts, cfg: PruneConfig, method: PruningMethod):
+    if not method.trains_catalysts:
+        return _sgd(model.parameters(), cfg, cfg.lr)
     return torch.optim.SGD(
         [
             {"params": list(model.parameters())},
@@ -260,6 +345,19 @@ def _opt1_optimizer(model, catalysts, cfg: PruneConfig):
 
 def _gamma_t(cfg: PruneConfig, epoch: int) -> float:
     return cfg.gamma * min(1.0, (epoch + 1) / (cfg.gamma_warmup + 1))
+
+
+def _target_set(model, cfg: PruneConfig, method: PruningMethod, targets):
+    """The target set in the method's groups (network slimming always uses BN scales)."""
+    mode, bn_beta = method.effective_mode(cfg.mode, cfg.bn_beta)
+    return build_target_set(model, mode, bn_beta=bn_beta, targets=targets)
+
+
+def _load_catalysts(state: dict, method: PruningMethod, device) -> list:
+    """Catalysts from the checkpoint: trainable parameters for Catalyst, constant tensors for the baselines."""
+    if method.trains_catalysts:
+        return [nn.Parameter(d.to(device)) for d in state["catalysts"]]
+    return [d.to(device) for d in state["catalysts"] or []]
 
 
 def _save(path: Path, state: dict) -> None:
@@ -286,17 +384,16 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
     targets = find_targets(dense_model)
     model = copy.deepcopy(dense_model)
-    ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-    catalysts = F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
-    opt = _opt1_optimizer(model, catalysts, cfg)
+    method = get_method("catalyst")
+    ts = _target_set(model, cfg, method, targets)
+    catalysts = method.init_catalysts(ts, c0)
+    opt = _opt1_optimizer(model, catalysts, cfg, method)
     for e in range(cfg.calib_epochs or cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
-        _train_epoch(model, loader, opt, device, penalty=(ts, catalysts, _gamma_t(cfg, e)))
+        _train_epoch(model, loader, opt, device, penalty=(method, ts, catalysts, _gamma_t(cfg, e)))
         if not cfg.calib_epochs and _catalyst_stats(ts, catalysts, cfg.kappa)["undecided"] == 0:
             break  # the pipeline's stop rule
-    with torch.no_grad():
-        flat = F_cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True).ratios
-    decisions = decide(F_cf.split_per_weight(flat, catalysts), cfg.kappa)
+    decisions = decide(method.scores(ts, catalysts), cfg.kappa)
     keep = {t.producer: d["keep"] for t, d in zip(targets, decisions)}
     dense = count_flops(dense_model, input_shape)["macs"]
     return dense / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
@@ -425,7 +522,8 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         np.random.seed(cfg.seed)
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=channels).to(device)
     targets = find_targets(model)
-    build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)  # config errors surface now
+    method = get_method(cfg.method)
+    _target_set(model, cfg, method, targets)  # config errors surface now
     dense_cost = {"flops": count_flops(model, input_shape), "params": count_params(model)}
 
     if state is None:
@@ -478,64 +576,79 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         timed(stage, t0)
         return None
 
-    # ---- dense training
+    # ---- dense training (or loading dense weights)
     if state["stage"] == "dense":
-        interruption = supervised_stage("dense", cfg.dense_epochs, cfg.lr)
-        if interruption is not None:
-            return interruption
+        if cfg.dense_checkpoint is not None:
+            loaded = torch.load(cfg.dense_checkpoint, map_location=device, weights_only=True)
+            try:
+                model.load_state_dict(loaded)
+            except RuntimeError as exc:
+                raise ValueError(f"--dense-checkpoint {cfg.dense_checkpoint} does not fit model {cfg.model}: {exc}") from exc
+            report["dense"] = {"epochs": 0, "loaded_from": cfg.dense_checkpoint, **evaluate(model, test_loader, device)}
+            log(f"dense weights loaded from {cfg.dense_checkpoint}: test acc {report['dense']['accuracy']:.2f}%")
+        else:
+            interruption = supervised_stage("dense", cfg.dense_epochs, cfg.lr)
+            if interruption is not None:
+                return interruption
+        _save(out / "dense_model.pt", model.state_dict())  # reusable with --dense-checkpoint
         checkpoint("calibrate", 0)
 
     # ---- c0 calibration for a target speed-up
     if state["stage"] == "calibrate":
         t0 = time.perf_counter()
-        if cfg.target_speedup is not None:
+        if cfg.target_speedup is not None and method.self_deciding:
             log(f"calibrating c0 for a {cfg.target_speedup}x FLOPs reduction")
             report["calibration"] = calibrate_c0(model, cfg, train_set, input_shape, device, log)
             state["c0"] = report["calibration"]["c0"]
         timed("calibrate", t0)
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = F_cf.init_catalysts(ts.weights, c0=state["c0"], layout=ts.layout)
+        ts = _target_set(model, cfg, method, targets)
+        catalysts = method.init_catalysts(ts, state["c0"])
+        state["initial_norms"] = method.norms(ts).cpu()  # for the magnitude-bias figure
         checkpoint("opt1", 0, catalysts=catalysts)
 
-    # ---- opt1: L + gamma_t R until every channel is decided
+    # ---- opt1: L + gamma_t R (or the baseline's sparsity term) until every channel is decided
     if state["stage"] == "opt1":
         t0 = time.perf_counter()
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = [nn.Parameter(d.to(device)) for d in state["catalysts"]]
-        opt = _opt1_optimizer(model, catalysts, cfg)
+        ts = _target_set(model, cfg, method, targets)
+        catalysts = _load_catalysts(state, method, device)
+        opt = _opt1_optimizer(model, catalysts, cfg, method)
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
-        op = report.setdefault("opt1", {"c0": state["c0"], "stopped_because": None, "epochs_run": 0})
+        op = report.setdefault("opt1", {"method": method.name, "c0": state["c0"], "stopped_because": None, "epochs_run": 0})
         start = state["epoch"]
-        stats = _catalyst_stats(ts, catalysts, cfg.kappa)
+        stats = _catalyst_stats(ts, catalysts, cfg.kappa, method)
         if start == 0:
             op["initial_fraction_decided"] = stats["fraction_decided"]
-        stop = start > 0 and stats["undecided"] == 0
+        # Only Catalyst has a stop rule on decidedness; the baselines spend the epoch budget.
+        stop = start > 0 and method.self_deciding and stats["undecided"] == 0
         e = start
         while not stop and e < cfg.epochs:
             gamma = _gamma_t(cfg, e)
             loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
-            rec = _train_epoch(model, loader, opt, device, penalty=(ts, catalysts, gamma), progress=cfg.progress,
+            rec = _train_epoch(model, loader, opt, device, penalty=(method, ts, catalysts, gamma), progress=cfg.progress,
                                desc=f"opt1 {e + 1}/{cfg.epochs}")
             e += 1
-            stats = _catalyst_stats(ts, catalysts, cfg.kappa)
+            stats = _catalyst_stats(ts, catalysts, cfg.kappa, method)
             rec.update(stage="opt1", epoch=e, gamma=gamma, test_accuracy=evaluate(model, test_loader, device)["accuracy"],
                        penalty=stats["penalty"], fraction_decided=stats["fraction_decided"],
                        fraction_c_gt_1=stats["fraction_c_gt_1"], undecided=stats["undecided"],
                        layers={k: {kk: v[kk] for kk in ("decided", "log10c_gt_0", "hist")} for k, v in stats["layers"].items()})
             history.append(rec)
             log(f"opt1 {e}/{cfg.epochs}: loss {rec['train_loss']:.4f} R {stats['penalty']:.4f} acc {rec['test_accuracy']:.2f}% "
-                f"decided {100 * stats['fraction_decided']:.1f}% c>1 {100 * stats['fraction_c_gt_1']:.1f}%")
-            stop = stats["undecided"] == 0
+                f"decided {100 * stats['fraction_decided']:.1f}% {stats['statistic']}>0 {100 * stats['fraction_c_gt_1']:.1f}%")
+            stop = method.self_deciding and stats["undecided"] == 0
             op["epochs_run"] = e
             checkpoint("opt1", e, catalysts=catalysts, opt=opt)
             if interrupted():
                 timed("opt1", t0)
                 checkpoint("opt1", e, catalysts=catalysts, opt=opt)
                 return {"status": "interrupted", "stage": "opt1", "epoch": e}
-        op["stopped_because"] = "all channels decided" if stats["undecided"] == 0 else "epoch budget spent"
+        op["stopped_because"] = "all channels decided" if stop else "epoch budget spent"
         op["epochs_run"] = e
-        op["final_catalysts"] = {k: v for k, v in stats.items() if k != "ratios"}
+        op["final_catalysts"] = {k: v for k, v in stats.items() if k != "scores"}
+        if method.name.startswith("lats"):
+            steps = len(make_loader(train_set, cfg.batch_size, shuffle=False))
+            op["final_threshold"] = sum(_gamma_t(cfg, k) for k in range(e)) * cfg.lr * steps  # t = lam * sum lr
         op.update(evaluate(model, test_loader, device))
         timed("opt1", t0)
         checkpoint("prune", 0, catalysts=catalysts)
@@ -543,10 +656,9 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     # ---- decide and remove
     if state["stage"] == "prune":
         t0 = time.perf_counter()
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = [nn.Parameter(d.to(device)) for d in state["catalysts"]]
-        ratios = _catalyst_stats(ts, catalysts, cfg.kappa)["ratios"]
-        decisions = decide(ratios, cfg.kappa)
+        ts = _target_set(model, cfg, method, targets)
+        catalysts = _load_catalysts(state, method, device)
+        decisions, rule, robustness = _method_decisions(method, cfg, model, ts, catalysts, targets, input_shape)
         keep = {t.producer: d["keep"].tolist() for t, d in zip(targets, decisions)}
         pruned = prune_model(model, targets, keep)
         masked = mask_model(model, targets, keep)
@@ -568,13 +680,23 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             }
         total = sum(t.channels for t in targets)
         report["prune"] = {
-            "rule": f"remove iff |log10 c| > kappa={cfg.kappa} and c > 1; undecided channels are kept",
+            "method": method.name,
+            "rule": rule,
+            "statistic": method.statistic,
             "channels_total": total,
             "channels_pruned": sum(v["pruned"] for v in per_layer.values()),
             "undecided_total": sum(v["undecided"] for v in per_layer.values()),
             "margin_log10c": _margin(decisions),
             "margin_log10c_decided_only": _margin([dict(d, prune=d["prune"] | d["undecided"]) for d in decisions], exclude=True),
-            "margin_definition": "min log10 c over pruned channels - max log10 c over kept channels (incl. undecided)",
+            "margin_definition": f"min {method.statistic} over pruned channels - max {method.statistic} over kept channels "
+                                 "(incl. undecided), in decades",
+            "robustness": robustness,
+            "magnitude_bias": _magnitude_bias(state["initial_norms"], decisions),
+            # one entry per channel (segments in target order): what the experiments in experiments/ plot
+            "channels": {"layer": [k for k, d in enumerate(decisions) for _ in range(len(d["prune"]))],
+                         "initial_norm": state["initial_norms"].tolist(),
+                         "statistic": torch.cat([d["log10c"] for d in decisions]).tolist(),
+                         "pruned": torch.cat([d["prune"] for d in decisions]).tolist()},
             "per_layer": per_layer,
             "accuracy_regularized": acc_reg,
             "accuracy_after_removal": acc_pruned,
@@ -634,10 +756,13 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         },
         "per_layer_kept": {k: v["kept"] for k, v in report["prune"]["per_layer"].items()},
         "margin_log10c": report["prune"]["margin_log10c"],
+        "decision_flips": report["prune"]["robustness"],
+        "magnitude_bias": report["prune"]["magnitude_bias"],
         "undecided_total": report["prune"]["undecided_total"],
         "history": history,
         "runtime_s": dict(elapsed, total=sum(elapsed.values())),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "method": method.name,
         "bypass_mode": "not implemented (regularizer-only mode)",
     }
     final["plots"] = _plots(out, {"config": final["config"], "opt1": report["opt1"]}, history, log) if cfg.plots else []

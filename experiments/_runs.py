@@ -1,0 +1,197 @@
+"""The pruning runs the three experiments share, made once and cached.
+
+Every run goes through the one interface, :func:`catalyst_fused.pruning.run_pipeline`, with the same model,
+data, dense weights, epoch budgets and fine-tuning; only ``method`` (and its strength ``gamma``) differs:
+
+* per seed, Catalyst runs first at each ``c0`` of the setting with its own decision rule (``c > 1``, decided
+  channels only); the first of these trains the dense model, whose weights every other run of that seed
+  starts from (``--dense-checkpoint``);
+* each baseline then runs once per Catalyst run with ``target_speedup`` = the FLOPs ratio Catalyst reached,
+  removing channels in the order of its own statistic until that ratio is reached: the speed-ups are
+  matched by construction (up to one channel's worth of FLOPs).
+
+A run whose ``report.json`` already exists is read back instead of re-run, so the three scripts together
+cost the runs once. Results (tables, plots, JSON) go to ``experiments/results/`` by default.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import sys
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python experiments/x.py` from a checkout uses this checkout's package
+    sys.path.insert(0, str(HERE.parent))
+
+from catalyst_fused.pruning import PruneConfig, run_pipeline  # noqa: E402
+from catalyst_fused.pruning.methods import METHODS  # noqa: E402
+
+# Strength of each method's sparsity term. Catalyst's is the pipeline default. The baselines' were picked
+# from {0.003, 0.01, 0.03} on the quick digits setting (seed 0, 4x target) as the largest that keeps the
+# regularized model's accuracy at the prune step within a few points of the dense one (see README.md).
+GAMMA = {"catalyst": 0.03, "group_lasso": 0.003, "slimming": 0.003, "lats": 0.003, "lats_group": 0.003}
+
+
+@dataclass
+class Setting:
+    model: str
+    dataset: str
+    seeds: list
+    c0s: list
+    dense_epochs: int
+    epochs: int
+    finetune_epochs: int
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    batch_size: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+SETTINGS = {
+    # CI: seconds per run, checks that everything is produced (figures meaningless)
+    "smoke": Setting("small_cnn", "digits", [0, 1], [1.2], dense_epochs=2, epochs=3, finetune_epochs=1,
+                     train_limit=320, test_limit=128),
+    # default: the pipeline's digits defaults, 3 seeds, one Catalyst operating point (~10 min on 2 cores)
+    "quick": Setting("small_cnn", "digits", [0, 1, 2], [1.2], dense_epochs=15, epochs=50, finetune_epochs=5),
+    # several operating points on digits
+    "full": Setting("small_cnn", "digits", [0, 1, 2], [0.9, 1.0, 1.2, 1.35], dense_epochs=15, epochs=50, finetune_epochs=5),
+    # CIFAR-10 from a local copy (--data-root): ResNet-56 in BN mode, as in the paper's first table row
+    "cifar10": Setting("resnet56", "cifar10", [0, 1, 2], [1.0, 1.2], dense_epochs=160, epochs=60, finetune_epochs=40,
+                       batch_size=128, extra={"lr": 0.1, "mode": "bn"}),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--setting", choices=list(SETTINGS), default="quick")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the setting's)")
+    parser.add_argument("--data-root", default=None, help="dataset directory for the cifar10 setting")
+    parser.add_argument("--runs-dir", default=str(HERE / "runs"), help="where runs are made and cached")
+    parser.add_argument("--results-dir", default=str(HERE / "results"), help="where tables and plots go")
+    parser.add_argument("--device", default="cpu")
+
+
+def _methods(args) -> list[str]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "catalyst" not in names:
+        names.insert(0, "catalyst")  # Catalyst's runs fix the matched speed-ups
+    return names
+
+
+def _run(cfg: PruneConfig, log) -> dict:
+    path = Path(cfg.out) / "report.json"
+    if path.exists():
+        report = json.loads(path.read_text())
+        if report.get("status") == "done":
+            return report
+    log(f"run: {cfg.method} seed {cfg.seed} -> {cfg.out}")
+    report = run_pipeline(cfg, resume=(Path(cfg.out) / "checkpoint.pt").exists(), log=lambda _msg: None)
+    if report.get("status") != "done":
+        raise RuntimeError(f"run {cfg.out} did not finish: {report}")
+    return report
+
+
+def _record(report: dict, seed: int, c0: float) -> dict:
+    prune = report["stages"]["prune"]
+    acc = report["accuracy"]
+    return {
+        "method": report["method"], "seed": seed, "catalyst_c0": c0,
+        "target_speedup": report["config"]["target_speedup"], "flops_ratio": report["cost"]["flops_ratio"],
+        "params_ratio": report["cost"]["params_ratio"], "channels_pruned": prune["channels_pruned"],
+        "channels_total": prune["channels_total"], "undecided": prune["undecided_total"],
+        "acc_dense": acc["dense"], "acc_regularized": acc["regularized"], "acc_after_removal": acc["after_removal"],
+        "acc_finetuned": acc["after_finetune"], "margin": prune["margin_log10c"], "statistic": prune["statistic"],
+        "flips": prune["robustness"], "bias": prune["magnitude_bias"], "channels": prune["channels"],
+        "gamma": report["config"]["gamma"], "runtime_s": report["runtime_s"]["total"],
+    }
+
+
+def collect(args, log=print) -> tuple[Setting, list[dict]]:
+    """Makes (or reads back) every run the experiments need; one record per run."""
+    setting = SETTINGS[args.setting]
+    if args.seeds:
+        setting = replace(setting, seeds=[int(s) for s in args.seeds.split(",")])
+    if setting.dataset != "digits" and args.data_root is None:
+        raise SystemExit(f"--setting {args.setting} needs --data-root (a local {setting.dataset} copy)")
+    methods = _methods(args)
+    base = PruneConfig(model=setting.model, dataset=setting.dataset, data_root=args.data_root,
+                       dense_epochs=setting.dense_epochs, epochs=setting.epochs, finetune_epochs=setting.finetune_epochs,
+                       train_limit=setting.train_limit, test_limit=setting.test_limit, batch_size=setting.batch_size,
+                       device=args.device, progress=False, plots=False, **setting.extra)
+    root = Path(args.runs_dir) / args.setting
+    records = []
+    for seed in setting.seeds:
+        dense = None
+        for c0 in setting.c0s:
+            cfg = replace(base, method="catalyst", seed=seed, c0=c0, gamma=GAMMA["catalyst"], dense_checkpoint=dense,
+                          out=str(root / f"seed{seed}" / f"catalyst_c0{c0}"))
+            report = _run(cfg, log)
+            dense = dense or str(Path(cfg.out) / "dense_model.pt")
+            records.append(_record(report, seed, c0))
+            target = report["cost"]["flops_ratio"]
+            for method in methods:
+                if method == "catalyst":
+                    continue
+                cfg_b = replace(base, method=method, seed=seed, gamma=GAMMA[method], dense_checkpoint=dense,
+                                target_speedup=target, out=str(root / f"seed{seed}" / f"{method}_at_c0{c0}"))
+                records.append(_record(_run(cfg_b, log), seed, c0))
+    return setting, records
+
+
+# ------------------------------------------------------------------------------------------ formatting
+def mean_std(values) -> tuple[Optional[float], Optional[float]]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values, digits: int = 2) -> str:
+    m, s = mean_std(values)
+    return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def environment() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+            "threads": torch.get_num_threads()}
+
+
+def write_results(args, name: str, setting: Setting, markdown: str, data: dict) -> Path:
+    """``<results>/<name>_<setting>.md`` and ``.json`` (the markdown is also printed)."""
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"<!-- generated by experiments/{name}.py --setting {args.setting}; do not edit -->\n"
+              f"Setting `{args.setting}`: {setting.model} on {setting.dataset}, seeds {setting.seeds}, Catalyst c0 "
+              f"{setting.c0s}, epochs dense/opt1/fine-tune {setting.dense_epochs}/{setting.epochs}/{setting.finetune_epochs}"
+              f"{'' if setting.train_limit is None else f', first {setting.train_limit} training samples'}; "
+              f"gamma {', '.join(f'{k} {v}' for k, v in GAMMA.items())}. {environment()['date']}, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads.\n\n")
+    path = out / f"{name}_{args.setting}.md"
+    path.write_text(header + markdown)
+    (out / f"{name}_{args.setting}.json").write_text(json.dumps({"environment": environment(), "setting": args.setting,
+                                                                 **data}, indent=1, default=float))
+    print(header + markdown)
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
