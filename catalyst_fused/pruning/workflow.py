@@ -284,9 +284,8 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     epoch budget, stop rule, data order and initial state, so the prediction is the result the pipeline
     will get for this ``c0``. A positive ``calib_epochs`` runs a shorter trial (cheaper, but it
     under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
-    targets = find_targets(dense_model)
     model = copy.deepcopy(dense_model)
-    ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
+    ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=find_targets(model, input_shape))
     catalysts = F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
     opt = _opt1_optimizer(model, catalysts, cfg)
     for e in range(cfg.calib_epochs or cfg.epochs):
@@ -297,9 +296,9 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     with torch.no_grad():
         flat = F_cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True).ratios
     decisions = decide(F_cf.split_per_weight(flat, catalysts), cfg.kappa)
-    keep = {t.producer: d["keep"] for t, d in zip(targets, decisions)}
+    keep = {t.name: d["keep"] for t, d in zip(ts.targets, decisions)}
     dense = count_flops(dense_model, input_shape)["macs"]
-    return dense / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
+    return dense / count_flops(prune_model(model, ts.targets, keep), input_shape)["macs"]
 
 
 def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="cpu", log=print) -> dict:
@@ -424,8 +423,12 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=channels).to(device)
-    targets = find_targets(model)
-    build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)  # config errors surface now
+    # The mode's targets (BN mode drops groups without BatchNorm); config errors surface now.
+    targets, excluded = find_targets(model, input_shape, return_excluded=True)
+    ts0 = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
+    targets, excluded = ts0.targets, excluded + ts0.excluded
+    dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in excluded) or "none"
+    log(f"targets: {len(targets)} coupled groups, {sum(t.channels for t in targets)} channels; excluded: {dropped}")
     dense_cost = {"flops": count_flops(model, input_shape), "params": count_params(model)}
 
     if state is None:
@@ -547,7 +550,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         catalysts = [nn.Parameter(d.to(device)) for d in state["catalysts"]]
         ratios = _catalyst_stats(ts, catalysts, cfg.kappa)["ratios"]
         decisions = decide(ratios, cfg.kappa)
-        keep = {t.producer: d["keep"].tolist() for t, d in zip(targets, decisions)}
+        keep = {t.name: d["keep"].tolist() for t, d in zip(targets, decisions)}
         pruned = prune_model(model, targets, keep)
         masked = mask_model(model, targets, keep)
         x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
@@ -561,7 +564,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         acc_pruned = evaluate(pruned, test_loader, device)["accuracy"]
         per_layer = {}
         for t, d in zip(targets, decisions):
-            per_layer[t.producer] = {
+            per_layer[t.name] = {
                 "channels": t.channels, "kept": int(d["keep"].numel()), "pruned": int(d["prune"].sum()),
                 "undecided": int(d["undecided"].sum()), "forced_keep": d["forced_keep"],
                 "undecided_indices": d["undecided"].nonzero().flatten().tolist(),
@@ -616,6 +619,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         "dataset": asdict(info),
         "input_shape": list(input_shape),
         "targets": [asdict(t) for t in targets],
+        "targets_excluded": excluded,
         "c0_used": state["c0"],
         "stages": report,
         "accuracy": {
