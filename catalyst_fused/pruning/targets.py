@@ -120,7 +120,7 @@ def _unmapped_op(node) -> Optional[str]:
             if {_signed(int(d)) % len(sizes) for d in dims} <= set(range(2, len(sizes))):
                 return None  # a spatial mean (global average pooling)
         return name
-    return f"{node.type.name.lower()} operation"
+    return f"a {node.type.name.lower()} operation"
 
 
 def _module_slice(name: str, item, size: int) -> Optional[ModuleSlice]:
