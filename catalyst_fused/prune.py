@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples (smoke runs)")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption

@@ -41,31 +41,44 @@ def _quiet(_msg):
 
 
 # ------------------------------------------------------------------------------------------- targets
+SHAPES = {"small_cnn": (1, 8, 8), "resnet56": (3, 16, 16), "vgg19_bn": (3, 32, 32)}
+
+
+def _names(pieces):
+    return [p.module for p in pieces]
+
+
 def test_targets_of_the_models():
-    small = find_targets(build_model("small_cnn"))
-    assert [t.producer for t in small] == ["conv1", "conv2", "conv3"]
-    assert small[-1].consumer == "fc"  # conv3 -> bn3 -> relu -> avgpool(1) -> flatten -> fc
+    small = find_targets(build_model("small_cnn"), SHAPES["small_cnn"])
+    assert [t.name for t in small] == ["conv1", "conv2", "conv3"]
+    assert _names(small[-1].consumers) == ["fc"]  # conv3 -> bn3 -> relu -> avgpool(1) -> flatten -> fc
 
-    res = find_targets(build_model("resnet56"))
-    # only the inner channel of every block: 27 blocks, no stem, no conv2, no shortcut
-    assert len(res) == 27
-    assert all(t.producer.endswith(".conv1") and t.consumer.endswith(".conv2") for t in res)
+    res = find_targets(build_model("resnet56"), SHAPES["resnet56"])
+    # 27 inner block channels + one residual group per stage
+    assert len(res) == 30 and sum(t.channels for t in res) == 9 * (16 + 32 + 64) + 16 + 32 + 64
+    inner = [t for t in res if len(t.producers) == 1]
+    assert len(inner) == 27
+    assert all(t.name.endswith(".conv1") and _names(t.consumers) == [t.name[: -len("conv1")] + "conv2"] for t in inner)
+    assert [t.name for t in res if len(t.producers) > 1] == ["conv1", "layer2.0.conv2", "layer3.0.conv2"]
 
-    vgg = find_targets(build_model("vgg19_bn"))
-    assert len(vgg) == 16 and vgg[-1].consumer == "classifier.0"
+    vgg = find_targets(build_model("vgg19_bn"), SHAPES["vgg19_bn"])
+    assert len(vgg) == 17 and _names(vgg[-2].consumers) == ["classifier.0"]
+    assert vgg[-1].name == "classifier.0" and _names(vgg[-1].consumers) == ["classifier.2"] and not vgg[-1].bns
 
 
-def test_logit_layer_and_residual_outputs_are_never_targets():
-    model = build_model("resnet56")
-    producers = {t.producer for t in find_targets(model)}
-    assert "fc" not in producers and "conv1" not in producers
-    assert not any("shortcut" in p or p.endswith("conv2") for p in producers)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_logit_layer_is_never_a_target(name):
+    model = build_model(name)
+    targets, excluded = find_targets(model, SHAPES[name], return_excluded=True)
+    logits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    assert logits not in {p.module for t in targets for p in t.producers}
+    assert excluded == [{"producers": [logits], "reason": f"its channels are a model output ({logits})"}]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_target_set_feeds_the_penalty(mode):
     model = build_model("small_cnn")
-    ts = build_target_set(model, mode)
+    ts = build_target_set(model, mode, input_shape=(1, 8, 8))
     catalysts = cf.init_catalysts(ts.weights, c0=1.0, layout=ts.layout)
     stats = cf.penalty(ts.weights, catalysts, layout=ts.layout, return_stats=True)
     assert stats.ratios.numel() == 32 + 64 + 64
@@ -73,24 +86,46 @@ def test_target_set_feeds_the_penalty(mode):
 
 
 # ------------------------------------------------------------------------------------------- surgery
-@pytest.mark.parametrize("name,shape", [("small_cnn", (1, 8, 8)), ("resnet56", (3, 16, 16)), ("vgg19_bn", (3, 32, 32))])
-def test_pruned_model_is_smaller_runs_and_equals_masked_model(name, shape):
+def _randomize_bn(model):
+    """Non-trivial BN statistics and affine parameters, so that every channel matters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_pruned_model_is_smaller_runs_and_equals_masked_model(name):
+    """Random channels of every coupled group removed: a smaller model with the masked model's function."""
     torch.manual_seed(0)
-    model = build_model(name).eval()
-    targets = find_targets(model)
-    keep = {t.producer: torch.randperm(t.channels)[: max(1, t.channels // 3)].tolist() for t in targets}
+    shape = SHAPES[name]
+    model = build_model(name)
+    _randomize_bn(model)
+    model.eval()
+    targets = find_targets(model, shape)
+    keep = {t.name: torch.randperm(t.channels)[: max(1, t.channels // 3)].tolist() for t in targets}
     pruned = prune_model(model, targets, keep).eval()
     masked = mask_model(model, targets, keep).eval()
     x = torch.randn(3, *shape)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+        y_pruned, y_masked, y = pruned(x), masked(x), model(x)
+    scale = float(y_masked.abs().max())
+    assert scale > 0 and not torch.allclose(y_masked, y)  # the removal matters
+    torch.testing.assert_close(y_pruned, y_masked, rtol=0, atol=1e-5 * scale)
     assert count_params(pruned) < count_params(model)
     assert count_flops(pruned, shape)["macs"] < count_flops(model, shape)["macs"]
-    # genuinely smaller modules, not masks
+    # genuinely smaller modules, not masks: every producer and BN of a group has the kept width
+    modules = dict(pruned.named_modules())
     for t in targets:
-        assert dict(pruned.named_modules())[t.producer].out_channels == len(keep[t.producer])
+        for p in t.producers:
+            assert modules[p.module].weight.shape[0] == len(keep[t.name])
+        for b in t.bns:
+            assert modules[b.module].num_features == len(keep[t.name])
     # the original is untouched
-    assert dict(model.named_modules())[targets[0].producer].out_channels == targets[0].channels
+    assert dict(model.named_modules())[targets[0].name].out_channels == targets[0].channels
 
 
 @pytest.mark.parametrize("mode", ["bn", "group"])
@@ -103,20 +138,22 @@ def test_removing_zero_groups_keeps_the_function(mode):
     with torch.no_grad():
         model(torch.randn(32, 1, 8, 8))
     model.eval()
-    targets = find_targets(model)
+    targets = find_targets(model, (1, 8, 8))
     ts = build_target_set(model, mode, targets=targets)
     modules = dict(model.named_modules())
     keep = {}
     with torch.no_grad():
         for t in targets:
             drop = torch.arange(0, t.channels, 2)
-            bn = modules[t.bn]
-            bn.weight[drop] = 0
-            bn.bias[drop] = 0
+            for b in t.bns:
+                modules[b.module].weight[drop] = 0
+                modules[b.module].bias[drop] = 0
             if mode == "group":
-                modules[t.producer].weight[drop] = 0
-                modules[t.consumer].weight[:, drop] = 0
-            keep[t.producer] = torch.arange(1, t.channels, 2).tolist()
+                for p in t.producers:
+                    modules[p.module].weight[drop] = 0
+                for c in t.consumers:
+                    modules[c.module].weight[:, drop] = 0
+            keep[t.name] = torch.arange(1, t.channels, 2).tolist()
     norms = cf.group_norms(ts.weights, layout=ts.layout)
     assert int((norms == 0).sum()) == sum(t.channels // 2 for t in targets)
     x = torch.randn(4, 1, 8, 8)
@@ -125,13 +162,15 @@ def test_removing_zero_groups_keeps_the_function(mode):
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_prune_model_rejects_empty_and_out_of_range_keeps():
+def test_prune_model_rejects_bad_keeps():
     model = build_model("small_cnn")
-    targets = find_targets(model)
-    with pytest.raises(ValueError, match="conv1"):
+    targets = find_targets(model, (1, 8, 8))
+    with pytest.raises(ValueError, match="keep\\['conv1'\\].*no channel"):
         prune_model(model, targets, {"conv1": []})
     with pytest.raises(ValueError, match="out of range"):
         prune_model(model, targets, {"conv1": [0, 99]})
+    with pytest.raises(ValueError, match="'bn1'.*not targets"):
+        prune_model(model, targets, {"bn1": [0]})
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -217,10 +256,16 @@ def test_bad_configurations_give_clear_errors(tmp_path):
         run_pipeline(PruneConfig(out=str(tmp_path / "x"), model="lenet"), log=_quiet)
     with pytest.raises(ValueError, match="unknown pruning mode 'channel'"):
         build_target_set(build_model("small_cnn"), "channel")
+    with pytest.raises(ValueError, match="input_shape"):
+        build_target_set(build_model("small_cnn"), "group")
+    with pytest.raises(ValueError, match="input_shape"):
+        find_targets(build_model("small_cnn"), (1, 0, 8))
     with pytest.raises(ValueError, match="no prunable layer"):
-        build_target_set(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "bn")
+        build_target_set(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "bn", input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="no prunable layer"):  # conv whose output is the logits
-        build_target_set(nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten()), "filter")
+        build_target_set(nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten()), "filter", input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="no prunable layer in mode 'bn'"):  # hidden layer without BatchNorm
+        build_target_set(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2)), "bn", input_shape=(64,))
     missing = str(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         load_dataset("cifar10", missing)

@@ -9,11 +9,12 @@ choices the workflow makes and :mod:`catalyst_fused.pruning.targets` for which c
 """
 from .metrics import count_flops, count_params, evaluate, measure_latency
 from .surgery import mask_model, prune_model, slice_catalysts
-from .targets import MODES, Target, TargetSet, build_target_set, find_targets
+from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
 from .workflow import PruneConfig, calibrate_c0, decide, predict_speedup, run_pipeline
 
 __all__ = [
     "MODES",
+    "ModuleSlice",
     "PruneConfig",
     "Target",
     "TargetSet",

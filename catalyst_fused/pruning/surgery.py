@@ -1,15 +1,20 @@
 """Physical channel removal: a genuinely smaller dense model, and the masked model used to verify it.
 
-:func:`prune_model` builds new ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` modules holding only the
-kept channels (producer output rows, BN entries and running statistics, consumer input columns) and
-swaps them into a deep copy of the model; the original is left untouched. :func:`mask_model` zeroes the
-consumer input columns of the removed channels instead: its function is exactly the pruned model's (up to
+:func:`prune_model` builds new ``nn.Conv2d`` / ``nn.Linear`` / BatchNorm modules holding only the kept
+indices of every slice of every target (producer output rows, BN entries and running statistics, consumer
+input columns; see :class:`~catalyst_fused.pruning.targets.Target`) and swaps them into a deep copy of the
+model; the original is left untouched. The result depends only on (model, targets, keep), which is how a
+checkpoint rebuilds the pruned architecture. Operations between layers (residual additions, pooling,
+concatenation, flatten of a 1x1 map) have no channel count of their own and need no change.
+
+:func:`mask_model` zeroes the consumer input columns of the removed channels instead: every path of a
+target's channels ends in one of its consumers, so its function is exactly the pruned model's (up to
 floating-point summation order), which is how the surgery itself is checked.
 """
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,12 +30,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _new_conv(conv: nn.Conv2d, out_idx, in_idx) -> nn.Conv2d:
-    w = conv.weight.detach()
-    if out_idx is not None:
-        w = w.index_select(0, out_idx)
-    if in_idx is not None:
-        w = w.index_select(1, in_idx)
+def _pick(t: torch.Tensor, dim: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if mask is None else t.index_select(dim, mask.nonzero().flatten().to(t.device))
+
+
+def _new_conv(conv: nn.Conv2d, out_mask, in_mask) -> nn.Conv2d:
+    w = _pick(_pick(conv.weight.detach(), 0, out_mask), 1, in_mask)
     new = nn.Conv2d(
         w.shape[1],
         w.shape[0],
@@ -45,80 +50,100 @@ def _new_conv(conv: nn.Conv2d, out_idx, in_idx) -> nn.Conv2d:
     with torch.no_grad():
         new.weight.copy_(w)
         if conv.bias is not None:
-            b = conv.bias.detach()
-            new.bias.copy_(b if out_idx is None else b.index_select(0, out_idx))
+            new.bias.copy_(_pick(conv.bias.detach(), 0, out_mask))
     new.train(conv.training)
     return new
 
 
-def _new_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(
-        len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
+def _new_linear(linear: nn.Linear, out_mask, in_mask) -> nn.Linear:
+    w = _pick(_pick(linear.weight.detach(), 0, out_mask), 1, in_mask)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if linear.bias is not None:
+            new.bias.copy_(_pick(linear.bias.detach(), 0, out_mask))
+    new.train(linear.training)
+    return new
+
+
+def _new_bn(bn: nn.modules.batchnorm._BatchNorm, mask) -> nn.Module:
+    new = type(bn)(
+        int(mask.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
     )
     ref = bn.weight if bn.affine else bn.running_mean
-    new = new.to(device=ref.device, dtype=ref.dtype)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         if bn.affine:
-            new.weight.copy_(bn.weight.detach().index_select(0, idx))
-            new.bias.copy_(bn.bias.detach().index_select(0, idx))
+            new.weight.copy_(_pick(bn.weight.detach(), 0, mask))
+            new.bias.copy_(_pick(bn.bias.detach(), 0, mask))
         if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean.index_select(0, idx))
-            new.running_var.copy_(bn.running_var.index_select(0, idx))
+            new.running_mean.copy_(_pick(bn.running_mean, 0, mask))
+            new.running_var.copy_(_pick(bn.running_var, 0, mask))
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     new.train(bn.training)
     return new
 
 
-def _new_linear(linear: nn.Linear, in_idx) -> nn.Linear:
-    w = linear.weight.detach().index_select(1, in_idx)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias.detach())
-    new.train(linear.training)
-    return new
-
-
 def _as_index(keep, device) -> torch.Tensor:
     idx = torch.as_tensor(keep, dtype=torch.long, device=device).flatten()
-    return torch.sort(idx).values
+    return torch.unique(idx)  # sorted
+
+
+def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, Sequence[int]]) -> dict:
+    """``(module name, dim) -> bool mask`` of the indices that stay, for every module dimension that loses
+    some (dim 0: producer rows and BN entries, dim 1: consumer input columns).
+
+    Raises:
+        ValueError: for a ``keep`` naming an unknown target, keeping no channel, or out of range.
+    """
+    by_name = {t.name: t for t in targets}
+    unknown = sorted(set(keep) - set(by_name))
+    if unknown:
+        raise ValueError(f"keep names {unknown}, which are not targets; targets are: {sorted(by_name)}")
+    masks: dict = {}
+    for name, kept_idx in keep.items():
+        t = by_name[name]
+        idx = _as_index(kept_idx, torch.device("cpu"))
+        if idx.numel() == 0:
+            raise ValueError(f"keep[{name!r}]: target {name} would keep no channel")
+        if int(idx.min()) < 0 or int(idx.max()) >= t.channels:
+            raise ValueError(f"keep[{name!r}]: indices of target {name} are out of range [0, {t.channels})")
+        if idx.numel() == t.channels:
+            continue
+        kept = torch.zeros(t.channels, dtype=torch.bool)
+        kept[idx] = True
+        for dim, pieces in ((0, t.producers), (0, t.bns), (1, t.consumers)):
+            for p in pieces:
+                mod = modules[p.module]
+                size = mod.num_features if isinstance(mod, nn.modules.batchnorm._BatchNorm) else mod.weight.shape[dim]
+                mask = masks.setdefault((p.module, dim), torch.ones(size, dtype=torch.bool))
+                mask[p.start : p.start + p.count] &= kept[p.offset : p.offset + p.count]
+    return masks
 
 
 def prune_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, Sequence[int]], *, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) in which every target keeps only the
-    output channels ``keep[target.producer]`` (sorted; at least one). Targets missing from ``keep`` keep
-    all channels."""
+    channels ``keep[target.name]`` (at least one). Targets missing from ``keep`` keep all channels.
+
+    Raises:
+        ValueError: for a bad ``keep`` (see :func:`_kept_masks`).
+    """
+    masks = _kept_masks(dict(model.named_modules()), targets, keep)
     pruned = model if inplace else copy.deepcopy(model)
     modules = dict(pruned.named_modules())
-    out_keep: dict[str, torch.Tensor] = {}
-    in_keep: dict[str, torch.Tensor] = {}
-    bn_keep: dict[str, torch.Tensor] = {}
-    for t in targets:
-        if t.producer not in keep:
-            continue
-        conv = modules[t.producer]
-        idx = _as_index(keep[t.producer], conv.weight.device)
-        if idx.numel() == 0:
-            raise ValueError(f"prune_model: target {t.producer} would keep no channel")
-        if int(idx.max()) >= conv.out_channels or int(idx.min()) < 0:
-            raise ValueError(f"prune_model: keep indices of {t.producer} are out of range [0, {conv.out_channels})")
-        if idx.numel() == conv.out_channels:
-            continue
-        out_keep[t.producer] = idx
-        in_keep[t.consumer] = idx
-        if t.bn is not None:
-            bn_keep[t.bn] = idx
-    for name in set(out_keep) | set(in_keep):
+    for name in dict.fromkeys(n for n, _ in masks):  # each module once, in a fixed order
         mod = modules[name]
-        if isinstance(mod, nn.Conv2d):
-            replace_module(pruned, name, _new_conv(mod, out_keep.get(name), in_keep.get(name)))
+        out_mask, in_mask = masks.get((name, 0)), masks.get((name, 1))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            new = _new_bn(mod, out_mask)
+        elif isinstance(mod, nn.Conv2d):
+            new = _new_conv(mod, out_mask, in_mask)
         elif isinstance(mod, nn.Linear):
-            replace_module(pruned, name, _new_linear(mod, in_keep[name]))
-        else:  # pragma: no cover - find_targets only yields Conv2d/Linear
+            new = _new_linear(mod, out_mask, in_mask)
+        else:  # pragma: no cover - find_targets only yields Conv2d/Linear/BatchNorm slices
             raise TypeError(f"prune_model: cannot slice {type(mod).__name__} {name}")
-    for name, idx in bn_keep.items():
-        replace_module(pruned, name, _new_bn(modules[name], idx))
+        replace_module(pruned, name, new)
     return pruned
 
 
@@ -128,13 +153,10 @@ def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, S
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
     with torch.no_grad():
-        for t in targets:
-            if t.producer not in keep:
-                continue
-            consumer = modules[t.consumer]
-            mask = torch.ones(t.channels, dtype=torch.bool, device=consumer.weight.device)
-            mask[_as_index(keep[t.producer], consumer.weight.device)] = False
-            consumer.weight[:, mask] = 0
+        for (name, dim), mask in _kept_masks(modules, targets, keep).items():
+            if dim == 1:
+                weight = modules[name].weight
+                weight[:, ~mask.to(weight.device)] = 0
     return masked
 
 
@@ -142,6 +164,6 @@ def slice_catalysts(catalysts: Sequence[torch.Tensor], targets: Sequence[Target]
     """The catalysts of the kept channels (one segment per target, in target order), as new parameters."""
     out = []
     for d, t in zip(catalysts, targets):
-        idx = _as_index(keep.get(t.producer, range(t.channels)), d.device)
+        idx = _as_index(keep.get(t.name, range(t.channels)), d.device)
         out.append(torch.nn.Parameter(d.detach().index_select(0, idx).clone()))
     return out

@@ -1,170 +1,234 @@
 """Finding the prunable channels of a model and expressing them as Catalyst groups.
 
-A *target* is a convolution (the producer) whose output channels can be removed together with every slice
-coupled to them. Targets are found by tracing the model with ``torch.fx`` and following each
-``nn.Conv2d`` (``groups == 1``) forward through a *chain* of channel-wise operations until the next layer
-that mixes channels (the consumer, an ``nn.Conv2d`` with ``groups == 1`` or an ``nn.Linear``):
+Coupled channels come from Torch-Pruning's ``DependencyGraph`` (``torch-pruning==1.6.1``, pinned): it traces
+one forward pass of the model and, for every ``nn.Conv2d`` / ``nn.Linear`` whose output channels can be
+removed, returns the *pruning group* of those channels: every layer slice that must go with channel ``i``,
+across residual additions and concatenations. A group becomes one :class:`Target` with
 
-    producer conv -> [BatchNorm2d] -> ReLU / pooling / Dropout / Identity ... -> consumer conv
-    producer conv -> [BatchNorm2d] -> ... -> AdaptiveAvgPool2d(1) -> flatten -> consumer linear
+* ``producers``: ``Conv2d``/``Linear`` output rows (weight dim 0 and bias), e.g. in a ResNet stage the stem
+  or shortcut convolution *and* the last convolution of every block, whose outputs are added;
+* ``bns``: BatchNorm entries (scale, shift, running statistics) of those channels;
+* ``consumers``: ``Conv2d``/``Linear`` input columns (weight dim 1) that read them.
 
-Every node on the chain must have exactly one user. Any other use of the channels (an ``add`` with a
-shortcut, a concatenation, a second consumer, an output) makes the producer **not** a target: residual-
-coupled channels (ResNet block outputs, shortcut convolutions, the stem of a ResNet) are therefore
-excluded, and only the *inner* channels of residual blocks are pruned. This keeps every removal
-consistent without coupling groups across blocks (documented simplification; see README of the package).
-The layer producing the logits is never a target (it has no consumer). A ``flatten`` is only crossed
-after a pooling to 1x1, so that one channel is one input column of the linear consumer.
+Each is a :class:`ModuleSlice`: indices ``[start, start + count)`` of one module, which are channels
+``[offset, offset + count)`` of the target (a channel concatenation puts a producer's channels at an
+offset of its consumer's columns). A target is keyed everywhere by ``name``, its first producer in
+``model.named_modules()`` order.
+
+A group is **excluded** (listed with its reason by ``find_targets(..., return_excluded=True)``) when
+
+* its channels are a model output (the logits layer, or channels reaching the output without a consumer);
+* it touches a grouped or depthwise convolution, or a parameterised layer other than ``nn.Conv2d``
+  (``groups == 1``), ``nn.Linear`` and BatchNorm (LayerNorm, GroupNorm, PReLU, embeddings, attention,
+  RNNs, free ``nn.Parameter`` s, other convolution types);
+* it passes an operation we do not map: only additions, subtractions and products, pointwise activations
+  (ReLU, ReLU6, LeakyReLU, SiLU, GELU, sigmoid, tanh, hardswish, hardsigmoid), max/average pooling
+  (adaptive included), spatial means, ``clone``, channel concatenation, and a ``flatten``/``view`` of a map
+  whose spatial size is 1 are accepted. Splits, chunks and slices are excluded (their sizes are written in
+  the forward code, so removing channels would break them), as is every operation DepGraph does not know;
+* a layer's indices are not a contiguous shift of the group's channels (e.g. the flatten of a spatial
+  map, where channel ``i`` is several input columns of the ``Linear``).
+
+For the models of :mod:`catalyst_fused.models` this leaves every ``Conv2d`` and hidden ``Linear`` covered
+by exactly one target; ResNets get one target per stage for the residual channels (stem or shortcut,
+every block's last convolution and their BNs, every block's first convolution and the next stage as
+consumers) plus one per block for its inner channels.
 
 Modes (catalyst-method.md section 1):
 
-* ``"bn"``: group ``i`` = the BatchNorm scale ``gamma_i`` **and shift** ``beta_i`` of the BN right after
-  the producer (one layout segment per target). **[our reading]** The paper's BN mode regularises
-  ``gamma_i``; we include ``beta_i`` (``bn_beta=True``, the default) so that a pruned channel's BN output
-  is ~0 and removing it leaves the network's function unchanged. ``bn_beta=False`` gives the pure
-  gamma-only BN mode, whose removal leaves the constant ``relu(beta_i)`` unaccounted for.
-* ``"filter"``: group ``i`` = producer row ``W[i]`` (plus ``bias[i]`` if the conv has a bias).
-* ``"group"``: producer row + bias + BN ``gamma_i, beta_i`` + the consumer's input column ``A[:, i]``.
+* ``"group"``: every coupled slice (producer rows and biases, BN ``gamma_i, beta_i``, consumer input
+  columns) in one ``cf.GroupLayout`` segment per target.
+* ``"bn"``: group ``i`` = the scales ``gamma_i`` **and shifts** ``beta_i`` of every BN of the target; targets
+  without BatchNorm are left out. **[our reading]** The paper's BN mode regularises ``gamma_i``; we include
+  ``beta_i`` (``bn_beta=True``, the default) so that a pruned channel's BN output is ~0 and removing it
+  leaves the network's function unchanged. ``bn_beta=False`` gives the pure gamma-only BN mode, whose
+  removal leaves the constant ``relu(beta_i)`` unaccounted for.
+* ``"filter"``: group ``i`` = row ``W[i]`` (plus ``bias[i]``) of every producer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-from torch import fx, nn
+import torch_pruning as tp
+from torch import nn
 
 from ..layout import GroupLayout, Slices
 
-__all__ = ["MODES", "Target", "find_targets", "TargetSet", "build_target_set"]
+__all__ = ["MODES", "ModuleSlice", "Target", "find_targets", "TargetSet", "build_target_set"]
 
 MODES = ("bn", "filter", "group")
 
-# Modules that act on each channel separately (they keep the channel index).
-_CHANNELWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-)
-_CHANNELWISE_FUNCTIONS = {
-    torch.relu,
-    torch.nn.functional.relu,
-    torch.nn.functional.relu6,
-    torch.nn.functional.silu,
-    torch.nn.functional.gelu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.dropout,
-}
-_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+_OPTYPE = tp.ops.OPTYPE
+
+# DepGraph treats every operation it does not know as element-wise; these autograd nodes really are
+# channel-wise (output channel i depends on input channel i only).
+_CHANNELWISE_GRAD_FNS = frozenset({
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0", "MulBackward1",
+    "ReluBackward0", "HardtanhBackward0", "LeakyReluBackward0", "SiluBackward0", "GeluBackward0",
+    "SigmoidBackward0", "TanhBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
+    "AdaptiveMaxPool2DBackward0", "CloneBackward0",
+})
+
+
+@dataclass(frozen=True)
+class ModuleSlice:
+    """Indices ``[start, start + count)`` of module ``module`` (a name in ``model.named_modules()``) along
+    the dimension its role prunes; they are channels ``[offset, offset + count)`` of the target."""
+
+    module: str
+    start: int
+    count: int
+    offset: int = 0
 
 
 @dataclass
 class Target:
-    """One prunable producer and what is coupled to its output channels (module names as in
-    ``model.named_modules()``)."""
+    """One group of coupled channels: ``channels`` channels, removed together from every slice listed."""
 
-    producer: str
-    bn: Optional[str]
-    consumer: str
+    name: str
     channels: int
+    producers: list  # ModuleSlice: Conv2d/Linear output rows (weight dim 0, bias)
+    bns: list  # ModuleSlice: BatchNorm entries
+    consumers: list  # ModuleSlice: Conv2d/Linear input columns (weight dim 1)
 
 
-def _is_pool_to_one(module: nn.Module) -> bool:
-    if isinstance(module, nn.AdaptiveAvgPool2d) or isinstance(module, nn.AdaptiveMaxPool2d):
-        size = module.output_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return all(s == 1 for s in size)
-    return False
+def _signed(d: int) -> int:
+    return d - (1 << 64) if d >= 1 << 63 else d  # autograd saves negative dims as unsigned 64-bit
 
 
-def find_targets(model: nn.Module) -> list[Target]:
-    """Every prunable producer of ``model`` in graph order (see the module docstring for the rules).
+def _unmapped_op(node) -> Optional[str]:
+    """Why DepGraph node ``node`` (an operation, not a layer) cannot be part of a target, or None."""
+    fn = node.grad_fn
+    name = fn.name() if fn is not None and hasattr(fn, "name") else "unknown operation"
+    if node.type == _OPTYPE.CONCAT:
+        return None
+    if node.type == _OPTYPE.RESHAPE:
+        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        if sizes is not None and len(sizes) >= 2 and all(int(s) == 1 for s in sizes[2:]):
+            return None  # flatten of a 1x1 map: channel i stays column i
+        return f"{name} of a tensor of shape {None if sizes is None else tuple(int(s) for s in sizes)}"
+    if node.type == _OPTYPE.ELEMENTWISE:
+        if name in _CHANNELWISE_GRAD_FNS:
+            return None
+        if name == "TBackward0" and not node.inputs:
+            return None  # the transposed weight of a Linear: no activation flows through it
+        sizes, dims = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        if name == "MeanBackward1" and sizes is not None and dims is not None and len(sizes) >= 3:
+            if {_signed(int(d)) % len(sizes) for d in dims} <= set(range(2, len(sizes))):
+                return None  # a spatial mean (global average pooling)
+        return name
+    return f"a {node.type.name.lower()} operation"
+
+
+def _module_slice(name: str, item, size: int) -> Optional[ModuleSlice]:
+    """The slice a group item covers when its indices are a contiguous shift of the root channels."""
+    if any(r is None for r in item.root_idxs):
+        return None
+    pairs = sorted(zip(item.root_idxs, item.idxs))
+    roots = [r for r, _ in pairs]
+    first_root, first = pairs[0]
+    if roots != list(range(first_root, first_root + len(pairs))):
+        return None
+    if any(i - r != first - first_root for r, i in pairs) or first < 0 or first + len(pairs) > size:
+        return None
+    return ModuleSlice(name, first, len(pairs), first_root)
+
+
+def _group_to_target(dg, group, names: dict, order: dict, outputs: set):
+    """A :class:`Target` for a DepGraph group, or the reason it is excluded (a string). ``outputs``: the
+    autograd nodes of the model's outputs."""
+    producers, bns, consumers = [], [], []
+    channels = len(group[0].idxs)
+    for item in group:
+        node = item.dep.target
+        module = node.module
+        out = dg.is_out_channel_pruning_fn(item.dep.handler)
+        consumer = isinstance(module, (nn.Conv2d, nn.Linear)) and not out  # its own output is other channels
+        if node.type == _OPTYPE.OUTPUT or (not consumer and node.grad_fn in outputs):
+            return "its channels are a model output" + (f" ({names[module]})" if module in names else "")
+        if module not in names:  # an operation DepGraph created, not a layer of the model
+            reason = _unmapped_op(node)
+            if reason is not None:
+                return f"passes {reason}, which is not mapped"
+            continue
+        name = names[module]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            role, size = bns, module.num_features
+        elif isinstance(module, nn.Conv2d) and module.groups == 1 or isinstance(module, nn.Linear):
+            role, size = (producers, module.weight.shape[0]) if out else (consumers, module.weight.shape[1])
+        elif isinstance(module, nn.Conv2d):
+            return f"{name} is a grouped or depthwise convolution (groups={module.groups})"
+        else:
+            return f"{name} is a {type(module).__name__}, which is not mapped"
+        piece = _module_slice(name, item, size)
+        if piece is None:
+            return f"the indices of {name} are not a contiguous shift of the channels (e.g. a flattened spatial map)"
+        role.append(piece)
+
+    def by_position(pieces):
+        return sorted(pieces, key=lambda p: (order[p.module], p.offset))
+
+    producers = by_position(producers)
+    return Target(producers[0].module, channels, producers, by_position(bns), by_position(consumers))
+
+
+def find_targets(model: nn.Module, input_shape: Sequence[int], *, return_excluded: bool = False):
+    """Every prunable group of coupled channels of ``model`` (see the module docstring), in the order of
+    the targets' names in ``model.named_modules()``.
+
+    Args:
+        model: the network; it is traced once in eval mode (its train/eval flags are restored, its
+            parameters and buffers are not changed).
+        input_shape: the shape of one input sample, e.g. ``(3, 32, 32)``.
+        return_excluded: also return the excluded groups, as ``{"producers": [...], "reason": ...}``.
 
     Raises:
-        ValueError: if the model cannot be traced with ``torch.fx``.
+        ValueError: for a bad ``input_shape``, or a model that DepGraph cannot trace.
     """
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"find_targets: input_shape must be a sequence of positive ints (one sample), got {input_shape!r}")
+    ref = next(model.parameters(), None)
+    example = torch.zeros(1, *shape, device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    modes = {m: m.training for m in model.modules()}
+    outputs = []
     try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as exc:  # pragma: no cover - depends on the model
-        raise ValueError(f"cannot trace the model with torch.fx to find prunable channels: {exc}") from exc
-    modules = dict(model.named_modules())
-    targets = []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        producer = modules[node.target]
-        if not isinstance(producer, nn.Conv2d) or producer.groups != 1:
-            continue
-        bn = None
-        pooled = False
-        current = node
-        consumer = None
-        first = True
-        while True:
-            users = list(current.users)
-            if len(users) != 1:
-                break
-            nxt = users[0]
-            if nxt.op == "call_module":
-                mod = modules[nxt.target]
-                if isinstance(mod, nn.BatchNorm2d) and first:
-                    bn = nxt.target
-                elif isinstance(mod, nn.Conv2d):
-                    if mod.groups == 1 and not pooled:
-                        consumer = nxt.target
-                    break
-                elif isinstance(mod, nn.Linear):
-                    if pooled:
-                        consumer = nxt.target
-                    break
-                elif _is_pool_to_one(mod):
-                    pooled = True
-                elif isinstance(mod, nn.Flatten):
-                    if not pooled:
-                        break
-                elif not isinstance(mod, _CHANNELWISE_MODULES):
-                    break
-            elif nxt.op == "call_function":
-                if nxt.target is torch.flatten:
-                    if not pooled:
-                        break
-                elif nxt.target not in _CHANNELWISE_FUNCTIONS:
-                    break
-                if len(nxt.args) == 0 or nxt.args[0] is not current:
-                    break
-            elif nxt.op == "call_method":
-                if nxt.target in ("flatten", "view", "reshape"):
-                    if not pooled or nxt.target != "flatten":
-                        break
-                elif nxt.target not in _CHANNELWISE_METHODS:
-                    break
-            else:
-                break
-            first = False
-            current = nxt
-        if consumer is not None:
-            targets.append(Target(node.target, bn, consumer, producer.out_channels))
-    return targets
+        with torch.enable_grad():  # DepGraph traces through autograd
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, verbose=False, output_transform=lambda out: outputs.append(out) or out
+            )
+        groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
+    except Exception as exc:
+        raise ValueError(f"find_targets: DepGraph cannot trace {type(model).__name__} with input_shape {shape}: {exc}") from exc
+    finally:
+        for m, training in modes.items():  # build_dependency leaves the model in eval mode
+            m.training = training
+    outputs = {t.grad_fn for t in tp.utils.flatten_as_list(outputs) if isinstance(t, torch.Tensor)}
+    names = {m: n for n, m in model.named_modules()}
+    order = {n: i for i, n in enumerate(names.values())}
+    targets, excluded = [], []
+    for group in groups:
+        result = _group_to_target(dg, group, names, order, outputs)
+        if isinstance(result, Target):
+            targets.append(result)
+        else:
+            roots = sorted({names[it.dep.target.module] for it in group if it.dep.target.module in names
+                            and dg.is_out_channel_pruning_fn(it.dep.handler)
+                            and isinstance(it.dep.target.module, (nn.Conv2d, nn.Linear))}, key=order.get)
+            excluded.append({"producers": roots, "reason": result})
+    targets.sort(key=lambda t: order[t.name])
+    return (targets, excluded) if return_excluded else targets
 
 
 @dataclass
 class TargetSet:
     """The targets of a model in one mode: the weights and layout handed to :func:`catalyst_fused.penalty`.
 
-    ``segment_names[s]`` is the producer of segment ``s``; ``layout`` is None for the per-row layout.
+    ``segment_names[s]`` is the name of target ``targets[s]``; ``layout`` is None for the per-row layout.
+    ``excluded`` lists the targets this mode leaves out (BN mode: targets without BatchNorm).
     """
 
     mode: str
@@ -172,61 +236,71 @@ class TargetSet:
     weights: list
     layout: Optional[GroupLayout]
     segment_names: list = field(default_factory=list)
+    excluded: list = field(default_factory=list)
 
     @property
     def sizes(self) -> list[int]:
         return [t.channels for t in self.targets]
 
 
-def build_target_set(model: nn.Module, mode: str, *, bn_beta: bool = True, targets: Optional[list] = None) -> TargetSet:
+def build_target_set(model: nn.Module, mode: str, *, input_shape: Optional[Sequence[int]] = None, bn_beta: bool = True,
+                     targets: Optional[list] = None) -> TargetSet:
     """The Catalyst groups of ``model`` in ``mode`` ("bn", "filter" or "group").
 
+    ``targets`` defaults to ``find_targets(model, input_shape)``.
+
     Raises:
-        ValueError: for an unknown mode (naming ``mode``), a model with no prunable layer, or BN mode on
-            a producer without BatchNorm.
+        ValueError: for an unknown ``mode``, neither ``targets`` nor ``input_shape`` given, or a model with
+            no prunable layer (in BN mode: none with BatchNorm).
     """
     if mode not in MODES:
         raise ValueError(f"unknown pruning mode {mode!r}; choose one of: {', '.join(MODES)}")
     if targets is None:
-        targets = find_targets(model)
+        if input_shape is None:
+            raise ValueError("build_target_set: pass input_shape (one sample's shape) or targets")
+        targets = find_targets(model, input_shape)
+    excluded = []
+    if mode == "bn":
+        excluded = [{"producers": [p.module for p in t.producers], "reason": "no BatchNorm (mode 'bn')"}
+                    for t in targets if not t.bns]
+        targets = [t for t in targets if t.bns]
     if not targets:
         raise ValueError(
-            f"model {type(model).__name__} has no prunable layer: no Conv2d whose output channels reach a "
-            "single Conv2d/Linear consumer through channel-wise operations only"
+            f"model {type(model).__name__} has no prunable layer in mode {mode!r}: no Conv2d/Linear whose output "
+            "channels reach Conv2d/Linear consumers through BatchNorm and mapped channel-wise operations only"
+            + (" and pass a BatchNorm" if mode == "bn" else "")
         )
     modules = dict(model.named_modules())
     weights: list[torch.Tensor] = []
     index: dict[int, int] = {}
 
-    def slot(t: torch.Tensor) -> int:
-        if id(t) not in index:
-            index[id(t)] = len(weights)
-            weights.append(t)
-        return index[id(t)]
+    def members(tensor, piece: ModuleSlice, dim: int = 0) -> list[Slices]:
+        if tensor is None:
+            return []
+        if id(tensor) not in index:
+            index[id(tensor)] = len(weights)
+            weights.append(tensor)
+        whole = piece.start == 0 and piece.offset == 0 and piece.count == tensor.shape[dim]
+        # count=None on a whole tensor keeps the per-row layout recognisable below
+        return [Slices(index[id(tensor)], dim, piece.start, None if whole else piece.count, piece.offset)]
 
     segments = []
     for t in targets:
-        conv = modules[t.producer]
-        bn = modules[t.bn] if t.bn is not None else None
-        members = []
-        if mode == "bn":
-            if bn is None:
-                raise ValueError(f"mode 'bn' needs a BatchNorm after every target; {t.producer} has none")
-            members.append(Slices(slot(bn.weight)))
-            if bn_beta and bn.bias is not None:
-                members.append(Slices(slot(bn.bias)))
-        else:
-            members.append(Slices(slot(conv.weight)))
-            if conv.bias is not None:
-                members.append(Slices(slot(conv.bias)))
-            if mode == "group":
-                if bn is not None:
-                    if bn.weight is not None:
-                        members.append(Slices(slot(bn.weight)))
-                    if bn.bias is not None:
-                        members.append(Slices(slot(bn.bias)))
-                members.append(Slices(slot(modules[t.consumer].weight), dim=1))
-        segments.append(members)
-    per_row = all(len(m) == 1 and m[0].dim == 0 for m in segments) and len(weights) == len(segments)
+        seg = []
+        if mode in ("filter", "group"):
+            for p in t.producers:
+                seg += members(modules[p.module].weight, p) + members(modules[p.module].bias, p)
+        if mode in ("bn", "group"):
+            for b in t.bns:
+                seg += members(modules[b.module].weight, b)
+                if mode == "group" or bn_beta:
+                    seg += members(modules[b.module].bias, b)
+        if mode == "group":
+            for c in t.consumers:
+                seg += members(modules[c.module].weight, c, dim=1)
+        if not seg:  # a non-affine BN carries no parameter to regularise
+            raise ValueError(f"target {t.name} has no parameter to regularise in mode {mode!r} (non-affine BatchNorm)")
+        segments.append(seg)
+    per_row = len(weights) == len(segments) and all(seg == [Slices(s)] for s, seg in enumerate(segments))
     layout = None if per_row else GroupLayout.build(weights, segments)
-    return TargetSet(mode, list(targets), weights, layout, [t.producer for t in targets])
+    return TargetSet(mode, list(targets), weights, layout, [t.name for t in targets], excluded)

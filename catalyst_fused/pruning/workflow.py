@@ -131,6 +131,9 @@ class PruneConfig:
         for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
@@ -222,7 +225,7 @@ def _method_decisions(method: PruningMethod, cfg: PruneConfig, model, ts, cataly
         dense_macs = count_flops(model, input_shape)["macs"]
 
         def speedup_of(masks):
-            keep = {t.producer: (~m).nonzero().flatten().tolist() for t, m in zip(targets, masks)}
+            keep = {t.name: (~m).nonzero().flatten().tolist() for t, m in zip(targets, masks)}
             return dense_macs / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
 
         masks = rank_decisions(scores, speedup_of, cfg.target_speedup)
@@ -382,10 +385,9 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     epoch budget, stop rule, data order and initial state, so the prediction is the result the pipeline
     will get for this ``c0``. A positive ``calib_epochs`` runs a shorter trial (cheaper, but it
     under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
-    targets = find_targets(dense_model)
     model = copy.deepcopy(dense_model)
     method = get_method("catalyst")
-    ts = _target_set(model, cfg, method, targets)
+    ts = _target_set(model, cfg, method, find_targets(model, input_shape))
     catalysts = method.init_catalysts(ts, c0)
     opt = _opt1_optimizer(model, catalysts, cfg, method)
     for e in range(cfg.calib_epochs or cfg.epochs):
@@ -394,9 +396,9 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
         if not cfg.calib_epochs and _catalyst_stats(ts, catalysts, cfg.kappa)["undecided"] == 0:
             break  # the pipeline's stop rule
     decisions = decide(method.scores(ts, catalysts), cfg.kappa)
-    keep = {t.producer: d["keep"] for t, d in zip(targets, decisions)}
+    keep = {t.name: d["keep"] for t, d in zip(ts.targets, decisions)}
     dense = count_flops(dense_model, input_shape)["macs"]
-    return dense / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
+    return dense / count_flops(prune_model(model, ts.targets, keep), input_shape)["macs"]
 
 
 def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="cpu", log=print) -> dict:
@@ -521,9 +523,13 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=channels).to(device)
-    targets = find_targets(model)
     method = get_method(cfg.method)
-    _target_set(model, cfg, method, targets)  # config errors surface now
+    # The method's targets (BN mode drops groups without BatchNorm); config errors surface now.
+    targets, excluded = find_targets(model, input_shape, return_excluded=True)
+    ts0 = _target_set(model, cfg, method, targets)
+    targets, excluded = ts0.targets, excluded + ts0.excluded
+    dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in excluded) or "none"
+    log(f"targets: {len(targets)} coupled groups, {sum(t.channels for t in targets)} channels; excluded: {dropped}")
     dense_cost = {"flops": count_flops(model, input_shape), "params": count_params(model)}
 
     if state is None:
@@ -659,7 +665,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         ts = _target_set(model, cfg, method, targets)
         catalysts = _load_catalysts(state, method, device)
         decisions, rule, robustness = _method_decisions(method, cfg, model, ts, catalysts, targets, input_shape)
-        keep = {t.producer: d["keep"].tolist() for t, d in zip(targets, decisions)}
+        keep = {t.name: d["keep"].tolist() for t, d in zip(targets, decisions)}
         pruned = prune_model(model, targets, keep)
         masked = mask_model(model, targets, keep)
         x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
@@ -673,7 +679,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         acc_pruned = evaluate(pruned, test_loader, device)["accuracy"]
         per_layer = {}
         for t, d in zip(targets, decisions):
-            per_layer[t.producer] = {
+            per_layer[t.name] = {
                 "channels": t.channels, "kept": int(d["keep"].numel()), "pruned": int(d["prune"].sum()),
                 "undecided": int(d["undecided"].sum()), "forced_keep": d["forced_keep"],
                 "undecided_indices": d["undecided"].nonzero().flatten().tolist(),
@@ -738,6 +744,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         "dataset": asdict(info),
         "input_shape": list(input_shape),
         "targets": [asdict(t) for t in targets],
+        "targets_excluded": excluded,
         "c0_used": state["c0"],
         "stages": report,
         "accuracy": {
