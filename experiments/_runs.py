@@ -190,6 +190,19 @@ def write_results(args, name: str, setting: Setting, markdown: str, data: dict) 
     return path
 
 
+def start(doc: str, argv=None):
+    """Parses a script's arguments and collects its runs: ``(args, setting, records, methods in order)``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setting, records = collect(args)
+    return args, setting, records, list(dict.fromkeys(r["method"] for r in records))
+
+
+def first_run_per_method(records: list, methods: list) -> list:
+    return [next(r for r in records if r["method"] == m) for m in methods]
+
+
 def pyplot():
     import matplotlib
 
@@ -197,3 +210,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, args, name: str) -> Path:
+    """Saves ``fig`` as ``<results>/<name>_<setting>.png`` and closes it."""
+    path = Path(args.results_dir) / f"{name}_{args.setting}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path

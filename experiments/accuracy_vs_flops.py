@@ -10,18 +10,12 @@ Writes results/accuracy_vs_flops_<setting>.{md,json,png}.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import _runs
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _runs.add_arguments(parser)
-    args = parser.parse_args(argv)
-    setting, records = _runs.collect(args)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    args, setting, records, methods = _runs.start(__doc__, argv)
     rows = ["| Catalyst c0 | method | FLOPs ratio | dense acc. | acc. at prune step (before -> after removal) | "
             "acc. after fine-tune | delta vs dense |", "|---|---|---|---|---|---|---|"]
     points = []
@@ -68,12 +62,7 @@ def _plot(args, points, methods):
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title, fontsize=9)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(args.results_dir) / f"accuracy_vs_flops_{args.setting}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _runs.save_figure(fig, args, "accuracy_vs_flops")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,13 @@ results/magnitude_bias_<setting>.{md,json,png}.
 """
 from __future__ import annotations
 
-import argparse
 import math
-from pathlib import Path
 
 import _runs
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _runs.add_arguments(parser)
-    args = parser.parse_args(argv)
-    setting, records = _runs.collect(args)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    args, setting, records, methods = _runs.start(__doc__, argv)
     rows = ["| method | runs | rho(norm, statistic) | rho(norm, pruned) | within-layer rho(norm, statistic) | FLOPs ratio |",
             "|---|---|---|---|---|---|"]
     summary = {}
@@ -54,7 +48,7 @@ def main(argv=None) -> int:
 
 def _plot(args, setting, records, methods):
     plt = _runs.pyplot()
-    first = [next(r for r in records if r["method"] == m) for m in methods]
+    first = _runs.first_run_per_method(records, methods)
     fig, axes = plt.subplots(1, len(first), figsize=(3.0 * len(first), 2.8), squeeze=False)
     for ax, r in zip(axes[0], first):
         ch = r["channels"]
@@ -66,12 +60,7 @@ def _plot(args, setting, records, methods):
         ax.set_xlabel("log10 initial norm", fontsize=7)
         ax.set_ylabel(r["statistic"], fontsize=7)
     fig.suptitle("red: pruned, blue: kept", fontsize=8)
-    fig.tight_layout()
-    path = Path(args.results_dir) / f"magnitude_bias_{args.setting}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _runs.save_figure(fig, args, "magnitude_bias")
 
 
 if __name__ == "__main__":

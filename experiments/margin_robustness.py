@@ -9,18 +9,12 @@ Writes results/margin_robustness_<setting>.{md,json,png}.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import _runs
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _runs.add_arguments(parser)
-    args = parser.parse_args(argv)
-    setting, records = _runs.collect(args)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    args, setting, records, methods = _runs.start(__doc__, argv)
     rows = ["| method | statistic | runs | margin (decades) | flipped decisions, mean (1% noise) | flipped, worst draw | "
             "undecided kept |", "|---|---|---|---|---|---|---|"]
     summary = {}
@@ -55,7 +49,7 @@ def main(argv=None) -> int:
 
 def _plot(args, records, methods):
     plt = _runs.pyplot()
-    first = [next(r for r in records if r["method"] == m) for m in methods]
+    first = _runs.first_run_per_method(records, methods)
     fig, axes = plt.subplots(1, len(first), figsize=(3.0 * len(first), 2.6), squeeze=False)
     for ax, r in zip(axes[0], first):
         ch = r["channels"]
@@ -66,12 +60,7 @@ def _plot(args, records, methods):
         ax.set_title(f"{r['method']} (seed {r['seed']}, {r['flops_ratio']:.1f}x)", fontsize=8)
         ax.set_xlabel(r["statistic"] + " (clipped to +-12)", fontsize=7)
     fig.suptitle("decision statistic at decision time; red: pruned, blue: kept", fontsize=8)
-    fig.tight_layout()
-    path = Path(args.results_dir) / f"margin_robustness_{args.setting}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _runs.save_figure(fig, args, "margin_robustness")
 
 
 if __name__ == "__main__":
