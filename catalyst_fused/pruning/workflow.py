@@ -6,8 +6,11 @@
 
 Choices **[our reading]**, stated here once:
 
-* Mode: *regularizer-only* (section 4a): the catalysts ``d`` appear only in ``R``; nothing has to be
-  removed afterwards. The bypass mode (4b) is not implemented.
+* Formulation (``formulation``): ``"regularizer"`` (the default, section 4a): the catalysts ``d`` appear
+  only in ``R``; nothing has to be removed afterwards. ``"bypass"`` (section 4b): the extended model
+  ``psi(x) = D x - Dbar x + sigma(x)``, where ``d`` enters the forward pass too; after the removal, opt2
+  drives ``d - dbar`` of the kept channels to 0 and folds the bypass away (:mod:`.bypass` states its
+  choices). The stage ``opt2`` is skipped by the regularizer formulation.
 * Catalysts are trained by the same SGD optimizer in their **own parameter group with no weight decay but
   the same momentum as the weights** (``catalyst_lr`` defaults to ``lr``). Weight decay on ``d`` would pull
   every ``c`` towards 0 (keep) regardless of the data. Momentum is kept for symmetry: without the loss,
@@ -62,12 +65,16 @@ from .. import functional as F_cf
 from ..data import DATASETS, load_dataset, make_loader
 from ..models import MODEL_NAMES, build_model
 from .metrics import count_flops, count_params, evaluate, measure_latency
+from . import bypass
 from .surgery import mask_model, prune_model, slice_catalysts
 from .targets import MODES, build_target_set, find_targets
 
-__all__ = ["PruneConfig", "run_pipeline", "decide", "predict_speedup", "calibrate_c0", "HIST_BINS"]
+__all__ = ["PruneConfig", "run_pipeline", "decide", "predict_speedup", "calibrate_c0", "HIST_BINS", "FORMULATIONS"]
 
-STAGES = ("dense", "calibrate", "opt1", "prune", "finetune", "done")
+STAGES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+FORMULATIONS = ("regularizer", "bypass")
+# Seeds of each stage's data order; fixed (opt2 came later) so that adding a stage changes no other one.
+_STAGE_SEED = {"dense": 0, "calibrate": 1, "opt1": 2, "prune": 3, "finetune": 4, "done": 5, "opt2": 6}
 HIST_BINS = [float(b) for b in np.arange(-12.0, 12.5, 0.5)]  # log10 c histogram bin edges (+-inf clipped)
 
 
@@ -77,10 +84,16 @@ class PruneConfig:
     dataset: str = "digits"
     data_root: Optional[str] = None
     mode: str = "group"
+    formulation: str = "regularizer"  # or "bypass" (section 4b: extended model, then opt2)
     out: str = "prune_out"
     dense_epochs: int = 15
     epochs: int = 50  # opt1 budget
     finetune_epochs: int = 5
+    opt2_epochs: int = 5  # bypass only: epochs driving d - dbar to 0 before the fold
+    opt2_mu: float = 10.0  # bypass only: weight of mu_t * sum (d - dbar)^2
+    opt2_ramp: int = 2  # bypass only: epochs of linear mu ramp
+    opt2_lr: Optional[float] = None  # bypass only: constant opt2 learning rate (default: finetune_lr)
+    opt2_tol: float = 1e-2  # bypass only: largest |d - dbar| accepted as "small" at the snap
     gamma: float = 0.03
     gamma_warmup: int = 0
     c0: float = 1.2
@@ -113,7 +126,10 @@ class PruneConfig:
             raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters"):
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"--formulation: unknown formulation {self.formulation!r}; choose one of: {', '.join(FORMULATIONS)}")
+        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters",
+                     "opt2_epochs", "opt2_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
@@ -128,10 +144,28 @@ class PruneConfig:
             raise ValueError(f"--kappa must be > 0, got {self.kappa}")
         if not self.calib_c0_max > 1:
             raise ValueError(f"--calib-c0-max must be > 1, got {self.calib_c0_max}")
+        if not (self.opt2_mu > 0 and math.isfinite(self.opt2_mu)):
+            raise ValueError(f"--opt2-mu must be a positive finite number, got {self.opt2_mu}")
+        if self.opt2_lr is not None and not (self.opt2_lr > 0 and math.isfinite(self.opt2_lr)):
+            raise ValueError(f"--opt2-lr must be a positive finite number, got {self.opt2_lr}")
+        if not (self.opt2_tol > 0 and math.isfinite(self.opt2_tol)):
+            raise ValueError(f"--opt2-tol must be a positive finite number, got {self.opt2_tol}")
+        if self.formulation == "bypass":
+            # mu * (d - dbar)^2 has curvature 4 mu along d - dbar: momentum SGD diverges unless 4 lr mu < 2 (1 + m).
+            lr2 = self.opt2_learning_rate
+            bound = 2 * (1 + self.momentum) / (4 * lr2)
+            if not self.opt2_mu < bound:
+                raise ValueError(f"--opt2-mu {self.opt2_mu} is too large for the opt2 learning rate {lr2} (--opt2-lr, default "
+                                 f"--finetune-lr) and --momentum {self.momentum}: the bypass penalty's SGD step is stable only "
+                                 f"for 4 * lr * mu < 2 * (1 + momentum), i.e. mu < {bound:.4g}")
         if self.dataset != "digits" and self.data_root is None:
             raise ValueError(f"--data-root is required for --dataset {self.dataset}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+
+    @property
+    def opt2_learning_rate(self) -> float:
+        return self.finetune_lr if self.opt2_lr is None else self.opt2_lr
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
@@ -166,7 +200,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _epoch_seed(seed: int, stage: str, epoch: int) -> int:
-    return int(seed) * 1000 + STAGES.index(stage) * 100 + int(epoch)
+    return int(seed) * 1000 + _STAGE_SEED[stage] * 100 + int(epoch)
 
 
 def _log10(c: torch.Tensor) -> torch.Tensor:
@@ -227,8 +261,9 @@ def _sgd(params, cfg: PruneConfig, lr: float):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, desc="") -> dict:
-    """One epoch of cross-entropy training; ``penalty = (ts, catalysts, gamma)`` adds ``gamma * R``."""
+def _train_epoch(model, loader, opt, device, *, penalty=None, after_backward=None, progress=False, desc="") -> dict:
+    """One epoch of cross-entropy training; ``penalty = (ts, catalysts, gamma)`` adds ``gamma * R``;
+    ``after_backward()`` (if given) adds further penalty gradients before each step."""
     model.train()
     crit = nn.CrossEntropyLoss()
     total_loss = 0.0
@@ -241,6 +276,8 @@ def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, de
         if penalty is not None:
             ts, catalysts, gamma = penalty
             F_cf.penalty_(ts.weights, catalysts, scale=gamma, layout=ts.layout)
+        if after_backward is not None:
+            after_backward()
         opt.step()
         total_loss += loss.item() * y.numel()
         n += y.numel()
@@ -248,14 +285,40 @@ def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, de
 
 
 def _opt1_optimizer(model, catalysts, cfg: PruneConfig):
+    # With the bypass, d (the catalysts) and dbar are parameters of the model: they go to the catalyst group.
+    group = list(catalysts) + [w.dbar for _, w in bypass.wrappers(model)]
+    ids = {id(p) for p in group}
     return torch.optim.SGD(
         [
-            {"params": list(model.parameters())},
-            {"params": list(catalysts), "weight_decay": 0.0,
+            {"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": group, "weight_decay": 0.0,
              "lr": cfg.lr if cfg.catalyst_lr is None else cfg.catalyst_lr},
         ],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
+
+
+def _start_opt1(model, cfg: PruneConfig, targets, c0: float):
+    """``(model, catalysts)`` at the start of opt1, ``d = c0 * n``; for the bypass formulation ``model`` is a
+    wrapped copy whose :class:`~.bypass.Bypass` modules own ``d`` (and ``dbar = d``)."""
+    ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
+    catalysts = F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
+    if cfg.formulation == "bypass":
+        model = bypass.attach(model, targets, cfg.mode, catalysts)
+        catalysts = bypass.catalysts(model, targets)
+    return model, catalysts
+
+
+def _target_set(model, cfg: PruneConfig, targets):
+    # A wrapped BN lives at "<bn>.sigma"; inner_targets points there (no-op for a plain model).
+    return build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=bypass.inner_targets(model, targets))
+
+
+def _saved_catalysts(model, targets, state: dict, device):
+    """The catalysts to train: the bypass modules' own ``d`` if the model is wrapped, else the checkpoint's."""
+    if bypass.is_wrapped(model):
+        return bypass.catalysts(model, targets)
+    return [nn.Parameter(d.to(device)) for d in state["catalysts"]]
 
 
 def _gamma_t(cfg: PruneConfig, epoch: int) -> float:
@@ -285,9 +348,8 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     will get for this ``c0``. A positive ``calib_epochs`` runs a shorter trial (cheaper, but it
     under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
     targets = find_targets(dense_model)
-    model = copy.deepcopy(dense_model)
-    ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-    catalysts = F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
+    model, catalysts = _start_opt1(copy.deepcopy(dense_model), cfg, targets, c0)
+    ts = _target_set(model, cfg, targets)
     opt = _opt1_optimizer(model, catalysts, cfg)
     for e in range(cfg.calib_epochs or cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
@@ -299,7 +361,8 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     decisions = decide(F_cf.split_per_weight(flat, catalysts), cfg.kappa)
     keep = {t.producer: d["keep"] for t, d in zip(targets, decisions)}
     dense = count_flops(dense_model, input_shape)["macs"]
-    return dense / count_flops(prune_model(model, targets, keep), input_shape)["macs"]
+    plain = bypass.unwrap(model)[0] if bypass.is_wrapped(model) else model  # the bypass adds no MACs
+    return dense / count_flops(prune_model(plain, targets, keep), input_shape)["macs"]
 
 
 def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="cpu", log=print) -> dict:
@@ -426,6 +489,8 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=channels).to(device)
     targets = find_targets(model)
     build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)  # config errors surface now
+    if cfg.formulation == "bypass":
+        bypass.find_sites(model, targets, cfg.mode)
     dense_cost = {"flops": count_flops(model, input_shape), "params": count_params(model)}
 
     if state is None:
@@ -434,13 +499,15 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     else:
         if state["keep"] is not None:
             model = prune_model(model, targets, state["keep"])
+        if state.get("wrapped"):  # a bypass skeleton for the saved d, dbar
+            model = bypass.attach(model, targets, cfg.mode)
         model.load_state_dict(state["model"])
         _set_rng_state(state["rng"])
     history, report, elapsed = state["history"], state["report"], state["elapsed"]
     epochs_this_call = [0]
 
     def checkpoint(stage, epoch, catalysts=None, opt=None, sched=None):
-        state.update(stage=stage, epoch=epoch, model=model.state_dict(), rng=_rng_state(),
+        state.update(stage=stage, epoch=epoch, model=model.state_dict(), wrapped=bypass.is_wrapped(model), rng=_rng_state(),
                      catalysts=None if catalysts is None else [d.detach().cpu().clone() for d in catalysts],
                      optimizer=None if opt is None else opt.state_dict(),
                      scheduler=None if sched is None else sched.state_dict(), config=asdict(cfg))
@@ -493,15 +560,14 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             report["calibration"] = calibrate_c0(model, cfg, train_set, input_shape, device, log)
             state["c0"] = report["calibration"]["c0"]
         timed("calibrate", t0)
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = F_cf.init_catalysts(ts.weights, c0=state["c0"], layout=ts.layout)
+        model, catalysts = _start_opt1(model, cfg, targets, state["c0"])
         checkpoint("opt1", 0, catalysts=catalysts)
 
     # ---- opt1: L + gamma_t R until every channel is decided
     if state["stage"] == "opt1":
         t0 = time.perf_counter()
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = [nn.Parameter(d.to(device)) for d in state["catalysts"]]
+        ts = _target_set(model, cfg, targets)
+        catalysts = _saved_catalysts(model, targets, state, device)
         opt = _opt1_optimizer(model, catalysts, cfg)
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
@@ -543,12 +609,13 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     # ---- decide and remove
     if state["stage"] == "prune":
         t0 = time.perf_counter()
-        ts = build_target_set(model, cfg.mode, bn_beta=cfg.bn_beta, targets=targets)
-        catalysts = [nn.Parameter(d.to(device)) for d in state["catalysts"]]
+        ts = _target_set(model, cfg, targets)
+        catalysts = _saved_catalysts(model, targets, state, device)
         ratios = _catalyst_stats(ts, catalysts, cfg.kappa)["ratios"]
         decisions = decide(ratios, cfg.kappa)
         keep = {t.producer: d["keep"].tolist() for t, d in zip(targets, decisions)}
-        pruned = prune_model(model, targets, keep)
+        # With the bypass, the kept channels keep their d and dbar entries (re-wrapped after the surgery).
+        pruned = bypass.prune(model, targets, keep) if bypass.is_wrapped(model) else prune_model(model, targets, keep)
         masked = mask_model(model, targets, keep)
         x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
         model.eval(), pruned.eval(), masked.eval()
@@ -596,7 +663,42 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         # Fine-tuning is plain loss; the sliced catalysts are kept in the checkpoint for a user who continues opt1.
         catalysts = slice_catalysts(catalysts, targets, keep)
         timed("prune", t0)
-        checkpoint("finetune", 0, catalysts=catalysts)
+        checkpoint("opt2" if bypass.is_wrapped(model) else "finetune", 0, catalysts=catalysts)
+
+    # ---- opt2 (bypass formulation only): drive d - dbar of the kept channels to 0, then fold the bypass away
+    if state["stage"] == "opt2":
+        t0 = time.perf_counter()
+        lr2 = cfg.opt2_learning_rate
+        opt = bypass.opt2_optimizer(model, lr2, cfg.momentum, cfg.weight_decay)
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        op2 = report.setdefault("opt2", {"epochs": cfg.opt2_epochs, "mu": cfg.opt2_mu, "ramp": cfg.opt2_ramp, "lr": lr2,
+                                         "initial_max_abs_coefficient": bypass.max_abs_coefficient(model),
+                                         "objective": "L + mu_t * sum (d - dbar)^2 over the kept channels"})
+        for e in range(state["epoch"], cfg.opt2_epochs):
+            mu = bypass.opt2_mu(cfg.opt2_mu, cfg.opt2_ramp, e)
+            loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt2", e))
+            rec = _train_epoch(model, loader, opt, device, after_backward=lambda: bypass.add_coefficient_penalty_grad_(model, mu),
+                               progress=cfg.progress, desc=f"opt2 {e + 1}/{cfg.opt2_epochs}")
+            rec.update(stage="opt2", epoch=e + 1, mu=mu, max_abs_coefficient=bypass.max_abs_coefficient(model),
+                       test_accuracy=evaluate(model, test_loader, device)["accuracy"])
+            history.append(rec)
+            log(f"opt2 {e + 1}/{cfg.opt2_epochs}: loss {rec['train_loss']:.4f} mu {mu:.3g} max|d - dbar| "
+                f"{rec['max_abs_coefficient']:.2e} acc {rec['test_accuracy']:.2f}%")
+            checkpoint("opt2", e + 1, opt=opt)
+            if interrupted():
+                timed("opt2", t0)
+                checkpoint("opt2", e + 1, opt=opt)
+                return {"status": "interrupted", "stage": "opt2", "epoch": e + 1}
+        x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
+        model, snap = bypass.snap_and_fold(model, cfg.opt2_tol, lambda m: evaluate(m, test_loader, device)["accuracy"], x)
+        op2.update(snap)
+        log(f"opt2: residual max|d - dbar| {snap['residual_max_abs_coefficient']:.2e} "
+            f"({'ok' if snap['residual_ok'] else 'ABOVE'} tol {cfg.opt2_tol:g}); snap d = dbar changed acc "
+            f"{snap['accuracy_before_snap']:.2f}% -> {snap['accuracy_after_snap']:.2f}%, logits by {snap['snap_max_abs_logit_change']:.2e}; "
+            "bypass folded away")
+        timed("opt2", t0)
+        checkpoint("finetune", 0)
 
     # ---- fine-tuning
     if state["stage"] == "finetune":
@@ -622,6 +724,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             "dense": report["dense"]["accuracy"],
             "regularized": report["opt1"]["accuracy"],
             "after_removal": report["prune"]["accuracy_after_removal"],
+            "after_opt2": report["opt2"]["accuracy_after_snap"] if "opt2" in report else None,
             "after_finetune": report["finetune"]["accuracy"],
         },
         "cost": {
@@ -638,7 +741,8 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         "history": history,
         "runtime_s": dict(elapsed, total=sum(elapsed.values())),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
-        "bypass_mode": "not implemented (regularizer-only mode)",
+        "formulation": cfg.formulation,
+        "opt2": report.get("opt2"),  # None for the regularizer formulation (stage skipped)
     }
     final["plots"] = _plots(out, {"config": final["config"], "opt1": report["opt1"]}, history, log) if cfg.plots else []
     with open(out / "report.json", "w") as f:
