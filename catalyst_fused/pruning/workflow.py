@@ -33,7 +33,8 @@ Choices **[our reading]**, stated here once:
   *masked* model (the regularized model with the removed channels' consumer columns zeroed: the same
   function) to ``1e-4 * max|logits|`` (checks the surgery), and the regularized model itself to
   ``verify_rtol * max|logits|`` (default 1e-2; checks that removed channels were really ~0). Both figures
-  are reported; a failed check is reported, not raised.
+  are reported; a failed check is reported, not raised. With the bypass, all three are extended models:
+  the pruned one keeps the ``d``/``dbar`` entries of its kept channels.
 * Target speed-up: ``c0`` is calibrated by geometric bisection on ``[1 / calib_c0_max, calib_c0_max]``: each trial runs opt1 from the
   dense weights (by default the full budget with the stop rule, i.e. exactly the run the pipeline then
   makes; ``calib_epochs > 0`` for shorter, cheaper, under-predicting trials) and predicts the FLOPs ratio with the final decision
@@ -64,8 +65,8 @@ from torch.utils.data import Subset
 from .. import functional as F_cf
 from ..data import DATASETS, load_dataset, make_loader
 from ..models import MODEL_NAMES, build_model
-from .metrics import count_flops, count_params, evaluate, measure_latency
 from . import bypass
+from .metrics import count_flops, count_params, evaluate, measure_latency
 from .surgery import mask_model, prune_model, slice_catalysts
 from .targets import MODES, build_target_set, find_targets
 
