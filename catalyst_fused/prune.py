@@ -2,6 +2,7 @@
 
     python -m catalyst_fused.prune --model small_cnn --dataset digits --mode group --out runs/digits
     python -m catalyst_fused.prune --out runs/digits --resume          # continue an interrupted run
+    python -m catalyst_fused.prune --formulation bypass --opt2-epochs 5  # extended model psi = Dx - Dbar x + sigma(x)
 
 Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
 :mod:`catalyst_fused.pruning.workflow` for what each stage does.
@@ -17,7 +18,7 @@ from .data import DATASETS
 from .models import MODEL_NAMES
 from .pruning.methods import METHODS
 from .pruning.targets import MODES
-from .pruning.workflow import PruneConfig, run_pipeline
+from .pruning.workflow import FORMULATIONS, PruneConfig, run_pipeline
 
 
 def _positive_float(text: str) -> float:
@@ -49,11 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=list(METHODS), default=d.method,
                    help="catalyst, or a baseline on the same kernels: group_lasso, slimming, lats, lats_group")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="catalyst groups: BN scales, filters, or coupled groups")
+    p.add_argument("--formulation", choices=FORMULATIONS, default=d.formulation,
+                   help="regularizer: d only in R (default); bypass: extended model psi(x) = D x - Dbar x + sigma(x), "
+                        "then opt2 folds the bypass away")
     p.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, report.json, plots)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its saved config wins)")
     p.add_argument("--dense-epochs", type=_nonneg_int, default=d.dense_epochs)
     p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help="opt1 epoch budget")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=d.finetune_epochs)
+    p.add_argument("--opt2-epochs", type=_nonneg_int, default=d.opt2_epochs,
+                   help="bypass: epochs of L + mu_t * sum (d - dbar)^2 before d = dbar is snapped and the bypass folded")
+    p.add_argument("--opt2-mu", type=_positive_float, default=d.opt2_mu, help="bypass: opt2 penalty weight mu")
+    p.add_argument("--opt2-ramp", type=_nonneg_int, default=d.opt2_ramp, help="bypass: epochs of linear mu ramp")
+    p.add_argument("--opt2-lr", type=_positive_float, default=None, help="bypass: constant opt2 learning rate (default: --finetune-lr)")
+    p.add_argument("--opt2-tol", type=_positive_float, default=d.opt2_tol,
+                   help="bypass: largest max|d - dbar| accepted at the snap (a larger one is reported, not raised)")
     p.add_argument("--gamma", type=float, default=d.gamma,
                    help="penalty weight gamma (the L1 / Group Lasso weight lam of the baselines)")
     p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")

@@ -200,6 +200,9 @@ def test_pipeline_prunes_verifies_and_reports(tmp_path):
     assert prune["verification"]["function_ok"], prune["verification"]
     assert prune["accuracy_after_removal"] == pytest.approx(prune["accuracy_regularized"], abs=2.0)
     assert prune["margin_log10c"] is not None
+    # the default formulation is regularizer-only: opt2 is skipped
+    assert on_disk["formulation"] == "regularizer" and on_disk["opt2"] is None and "opt2" not in on_disk["stages"]
+    assert on_disk["accuracy"]["after_opt2"] is None and not any(h["stage"] == "opt2" for h in on_disk["history"])
     opt1 = next(h for h in on_disk["history"] if h["stage"] == "opt1")
     assert opt1["stage"] == "opt1" and "fraction_decided" in opt1 and "hist" in opt1["layers"]["conv1"]
     saved = torch.load(tmp_path / "run" / "pruned_model.pt", weights_only=False)

@@ -7,18 +7,21 @@ channel removal, fine-tuning and reporting.
 Command line: ``python -m catalyst_fused.prune --help``. See :mod:`catalyst_fused.pruning.workflow` for the
 choices the workflow makes and :mod:`catalyst_fused.pruning.targets` for which channels are prunable.
 """
+from . import bypass
 from .metrics import count_flops, count_params, evaluate, measure_latency
 from .surgery import mask_model, prune_model, slice_catalysts
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
-from .workflow import PruneConfig, calibrate_c0, decide, predict_speedup, run_pipeline
+from .workflow import FORMULATIONS, PruneConfig, calibrate_c0, decide, predict_speedup, run_pipeline
 
 __all__ = [
+    "FORMULATIONS",
     "MODES",
     "ModuleSlice",
     "PruneConfig",
     "Target",
     "TargetSet",
     "build_target_set",
+    "bypass",
     "calibrate_c0",
     "predict_speedup",
     "count_flops",

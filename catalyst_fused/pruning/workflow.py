@@ -6,8 +6,11 @@
 
 Choices **[our reading]**, stated here once:
 
-* Mode: *regularizer-only* (section 4a): the catalysts ``d`` appear only in ``R``; nothing has to be
-  removed afterwards. The bypass mode (4b) is not implemented.
+* Formulation (``formulation``): ``"regularizer"`` (the default, section 4a): the catalysts ``d`` appear
+  only in ``R``; nothing has to be removed afterwards. ``"bypass"`` (section 4b): the extended model
+  ``psi(x) = D x - Dbar x + sigma(x)``, where ``d`` enters the forward pass too; after the removal, opt2
+  drives ``d - dbar`` of the kept channels to 0 and folds the bypass away (:mod:`.bypass` states its
+  choices). The stage ``opt2`` is skipped by the regularizer formulation.
 * Catalysts are trained by the same SGD optimizer in their **own parameter group with no weight decay but
   the same momentum as the weights** (``catalyst_lr`` defaults to ``lr``). Weight decay on ``d`` would pull
   every ``c`` towards 0 (keep) regardless of the data. Momentum is kept for symmetry: without the loss,
@@ -30,7 +33,8 @@ Choices **[our reading]**, stated here once:
   *masked* model (the regularized model with the removed channels' consumer columns zeroed: the same
   function) to ``1e-4 * max|logits|`` (checks the surgery), and the regularized model itself to
   ``verify_rtol * max|logits|`` (default 1e-2; checks that removed channels were really ~0). Both figures
-  are reported; a failed check is reported, not raised.
+  are reported; a failed check is reported, not raised. With the bypass, all three are extended models:
+  the pruned one keeps the ``d``/``dbar`` entries of its kept channels.
 * Target speed-up: ``c0`` is calibrated by geometric bisection on ``[1 / calib_c0_max, calib_c0_max]``: each trial runs opt1 from the
   dense weights (by default the full budget with the stop rule, i.e. exactly the run the pipeline then
   makes; ``calib_epochs > 0`` for shorter, cheaper, under-predicting trials) and predicts the FLOPs ratio with the final decision
@@ -61,14 +65,18 @@ from torch.utils.data import Subset
 from .. import functional as F_cf
 from ..data import DATASETS, load_dataset, make_loader
 from ..models import MODEL_NAMES, build_model
+from . import bypass
 from .methods import METHODS, PruningMethod, decision_flips, get_method, rank_decisions, spearman, threshold_decisions, top_k_decisions
 from .metrics import count_flops, count_params, evaluate, measure_latency
 from .surgery import mask_model, prune_model, slice_catalysts
 from .targets import MODES, build_target_set, find_targets
 
-__all__ = ["PruneConfig", "run_pipeline", "decide", "predict_speedup", "calibrate_c0", "HIST_BINS"]
+__all__ = ["PruneConfig", "run_pipeline", "decide", "predict_speedup", "calibrate_c0", "HIST_BINS", "FORMULATIONS"]
 
-STAGES = ("dense", "calibrate", "opt1", "prune", "finetune", "done")
+STAGES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+FORMULATIONS = ("regularizer", "bypass")
+# Seeds of each stage's data order; fixed (opt2 came later) so that adding a stage changes no other one.
+_STAGE_SEED = {"dense": 0, "calibrate": 1, "opt1": 2, "prune": 3, "finetune": 4, "done": 5, "opt2": 6}
 HIST_BINS = [float(b) for b in np.arange(-12.0, 12.5, 0.5)]  # log10 c histogram bin edges (+-inf clipped)
 
 
@@ -79,10 +87,16 @@ class PruneConfig:
     data_root: Optional[str] = None
     method: str = "catalyst"
     mode: str = "group"
+    formulation: str = "regularizer"  # or "bypass" (section 4b: extended model, then opt2)
     out: str = "prune_out"
     dense_epochs: int = 15
     epochs: int = 50  # opt1 budget
     finetune_epochs: int = 5
+    opt2_epochs: int = 5  # bypass only: epochs driving d - dbar to 0 before the fold
+    opt2_mu: float = 10.0  # bypass only: weight of mu_t * sum (d - dbar)^2
+    opt2_ramp: int = 2  # bypass only: epochs of linear mu ramp
+    opt2_lr: Optional[float] = None  # bypass only: constant opt2 learning rate (default: finetune_lr)
+    opt2_tol: float = 1e-2  # bypass only: largest |d - dbar| accepted as "small" at the snap
     gamma: float = 0.03
     gamma_warmup: int = 0
     c0: float = 1.2
@@ -128,7 +142,13 @@ class PruneConfig:
             raise ValueError(f"--noise-draws must be >= 1, got {self.noise_draws}")
         if self.dense_checkpoint is not None and not Path(self.dense_checkpoint).is_file():
             raise ValueError(f"--dense-checkpoint: no file at {self.dense_checkpoint}")
-        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters"):
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"--formulation: unknown formulation {self.formulation!r}; choose one of: {', '.join(FORMULATIONS)}")
+        if self.formulation == "bypass" and self.method != "catalyst":
+            raise ValueError(f"--formulation bypass is Catalyst's extended model; --method {self.method} runs the "
+                             "regularizer formulation only")
+        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters",
+                     "opt2_epochs", "opt2_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("train_limit", "test_limit"):
@@ -146,10 +166,28 @@ class PruneConfig:
             raise ValueError(f"--kappa must be > 0, got {self.kappa}")
         if not self.calib_c0_max > 1:
             raise ValueError(f"--calib-c0-max must be > 1, got {self.calib_c0_max}")
+        if not (self.opt2_mu > 0 and math.isfinite(self.opt2_mu)):
+            raise ValueError(f"--opt2-mu must be a positive finite number, got {self.opt2_mu}")
+        if self.opt2_lr is not None and not (self.opt2_lr > 0 and math.isfinite(self.opt2_lr)):
+            raise ValueError(f"--opt2-lr must be a positive finite number, got {self.opt2_lr}")
+        if not (self.opt2_tol > 0 and math.isfinite(self.opt2_tol)):
+            raise ValueError(f"--opt2-tol must be a positive finite number, got {self.opt2_tol}")
+        if self.formulation == "bypass":
+            # mu * (d - dbar)^2 has curvature 4 mu along d - dbar: momentum SGD diverges unless 4 lr mu < 2 (1 + m).
+            lr2 = self.opt2_learning_rate
+            bound = 2 * (1 + self.momentum) / (4 * lr2)
+            if not self.opt2_mu < bound:
+                raise ValueError(f"--opt2-mu {self.opt2_mu} is too large for the opt2 learning rate {lr2} (--opt2-lr, default "
+                                 f"--finetune-lr) and --momentum {self.momentum}: the bypass penalty's SGD step is stable only "
+                                 f"for 4 * lr * mu < 2 * (1 + momentum), i.e. mu < {bound:.4g}")
         if self.dataset != "digits" and self.data_root is None:
             raise ValueError(f"--data-root is required for --dataset {self.dataset}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+
+    @property
+    def opt2_learning_rate(self) -> float:
+        return self.finetune_lr if self.opt2_lr is None else self.opt2_lr
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
@@ -184,7 +222,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _epoch_seed(seed: int, stage: str, epoch: int) -> int:
-    return int(seed) * 1000 + STAGES.index(stage) * 100 + int(epoch)
+    return int(seed) * 1000 + _STAGE_SEED[stage] * 100 + int(epoch)
 
 
 def decide(log10c: list, kappa: float) -> list[dict]:
@@ -310,9 +348,10 @@ def _sgd(params, cfg: PruneConfig, lr: float):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, desc="") -> dict:
+def _train_epoch(model, loader, opt, device, *, penalty=None, after_backward=None, progress=False, desc="") -> dict:
     """One epoch of cross-entropy training; ``penalty = (method, ts, catalysts, gamma)`` adds the method's
-    sparsity term (its gradient after ``backward``, its proximal step after ``step``)."""
+    sparsity term (its gradient after ``backward``, its proximal step after ``step``); ``after_backward()``
+    (if given) adds further penalty gradients before each step."""
     model.train()
     crit = nn.CrossEntropyLoss()
     total_loss = 0.0
@@ -325,6 +364,8 @@ def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, de
         if penalty is not None:
             method, ts, catalysts, gamma = penalty
             method.after_backward(ts, catalysts, gamma)
+        if after_backward is not None:
+            after_backward()
         opt.step()
         if penalty is not None:
             method.after_step(ts, gamma, opt.param_groups[0]["lr"])
@@ -336,31 +377,64 @@ def _train_epoch(model, loader, opt, device, *, penalty=None, progress=False, de
 def _opt1_optimizer(model, catalysts, cfg: PruneConfig, method: PruningMethod):
     if not method.trains_catalysts:
         return _sgd(model.parameters(), cfg, cfg.lr)
+    # With the bypass, d (the catalysts) and dbar are parameters of the model: they go to the catalyst group.
+    group = list(catalysts) + [w.dbar for _, w in bypass.wrappers(model)]
+    ids = {id(p) for p in group}
     return torch.optim.SGD(
         [
-            {"params": list(model.parameters())},
-            {"params": list(catalysts), "weight_decay": 0.0,
+            {"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": group, "weight_decay": 0.0,
              "lr": cfg.lr if cfg.catalyst_lr is None else cfg.catalyst_lr},
         ],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
 
 
-def _gamma_t(cfg: PruneConfig, epoch: int) -> float:
-    return cfg.gamma * min(1.0, (epoch + 1) / (cfg.gamma_warmup + 1))
+def _pipeline_targets(model, cfg: PruneConfig, method: PruningMethod, input_shape) -> tuple[list, list]:
+    """The targets this run regularises and the groups it leaves out (with reasons): DepGraph's groups,
+    less those the method's mode cannot use (BN mode: no BatchNorm) and, for the bypass formulation, the
+    coupled groups it does not support. Raises ValueError for configurations that leave nothing."""
+    targets, excluded = find_targets(model, input_shape, return_excluded=True)
+    ts = _target_set(model, cfg, method, targets)
+    targets, excluded = ts.targets, excluded + ts.excluded
+    if cfg.formulation == "bypass":
+        targets, unsupported = bypass.supported_targets(targets)
+        excluded = excluded + unsupported
+        if not targets:
+            raise ValueError("--formulation bypass: no target with a single producer and at most one BatchNorm")
+        bypass.find_sites(model, targets, cfg.mode)
+    return targets, excluded
 
 
 def _target_set(model, cfg: PruneConfig, method: PruningMethod, targets):
-    """The target set in the method's groups (network slimming always uses BN scales)."""
+    """The target set in the method's groups (network slimming always uses BN scales). A wrapped BN lives
+    at "<bn>.sigma"; ``inner_targets`` points there (no-op for a plain model)."""
     mode, bn_beta = method.effective_mode(cfg.mode, cfg.bn_beta)
-    return build_target_set(model, mode, bn_beta=bn_beta, targets=targets)
+    return build_target_set(model, mode, bn_beta=bn_beta, targets=bypass.inner_targets(model, targets))
 
 
-def _load_catalysts(state: dict, method: PruningMethod, device) -> list:
-    """Catalysts from the checkpoint: trainable parameters for Catalyst, constant tensors for the baselines."""
+def _start_opt1(model, cfg: PruneConfig, method: PruningMethod, targets, c0: float):
+    """``(model, catalysts)`` at the start of opt1 (Catalyst: ``d = c0 * n``); for the bypass formulation
+    ``model`` is a wrapped copy whose :class:`~.bypass.Bypass` modules own ``d`` (and ``dbar = d``)."""
+    catalysts = method.init_catalysts(_target_set(model, cfg, method, targets), c0)
+    if cfg.formulation == "bypass":
+        model = bypass.attach(model, targets, cfg.mode, catalysts)
+        catalysts = bypass.catalysts(model, targets)
+    return model, catalysts
+
+
+def _saved_catalysts(model, targets, state: dict, method: PruningMethod, device) -> list:
+    """The catalysts to train: the bypass modules' own ``d`` if the model is wrapped, else the checkpoint's
+    (trainable parameters for Catalyst, constant tensors for the baselines)."""
+    if bypass.is_wrapped(model):
+        return bypass.catalysts(model, targets)
     if method.trains_catalysts:
         return [nn.Parameter(d.to(device)) for d in state["catalysts"]]
     return [d.to(device) for d in state["catalysts"] or []]
+
+
+def _gamma_t(cfg: PruneConfig, epoch: int) -> float:
+    return cfg.gamma * min(1.0, (epoch + 1) / (cfg.gamma_warmup + 1))
 
 
 def _save(path: Path, state: dict) -> None:
@@ -385,10 +459,10 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     epoch budget, stop rule, data order and initial state, so the prediction is the result the pipeline
     will get for this ``c0``. A positive ``calib_epochs`` runs a shorter trial (cheaper, but it
     under-predicts: channels keep splitting after it, so the calibrated ``c0`` then overshoots)."""
-    model = copy.deepcopy(dense_model)
     method = get_method("catalyst")
-    ts = _target_set(model, cfg, method, find_targets(model, input_shape))
-    catalysts = method.init_catalysts(ts, c0)
+    targets, _ = _pipeline_targets(dense_model, cfg, method, input_shape)
+    model, catalysts = _start_opt1(copy.deepcopy(dense_model), cfg, method, targets, c0)
+    ts = _target_set(model, cfg, method, targets)
     opt = _opt1_optimizer(model, catalysts, cfg, method)
     for e in range(cfg.calib_epochs or cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
@@ -398,7 +472,8 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     decisions = decide(method.scores(ts, catalysts), cfg.kappa)
     keep = {t.name: d["keep"] for t, d in zip(ts.targets, decisions)}
     dense = count_flops(dense_model, input_shape)["macs"]
-    return dense / count_flops(prune_model(model, ts.targets, keep), input_shape)["macs"]
+    plain = bypass.unwrap(model)[0] if bypass.is_wrapped(model) else model  # the bypass adds no MACs
+    return dense / count_flops(prune_model(plain, targets, keep), input_shape)["macs"]
 
 
 def calibrate_c0(dense_model, cfg: PruneConfig, train_set, input_shape, device="cpu", log=print) -> dict:
@@ -524,10 +599,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         np.random.seed(cfg.seed)
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=channels).to(device)
     method = get_method(cfg.method)
-    # The method's targets (BN mode drops groups without BatchNorm); config errors surface now.
-    targets, excluded = find_targets(model, input_shape, return_excluded=True)
-    ts0 = _target_set(model, cfg, method, targets)
-    targets, excluded = ts0.targets, excluded + ts0.excluded
+    targets, excluded = _pipeline_targets(model, cfg, method, input_shape)  # config errors surface now
     dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in excluded) or "none"
     log(f"targets: {len(targets)} coupled groups, {sum(t.channels for t in targets)} channels; excluded: {dropped}")
     dense_cost = {"flops": count_flops(model, input_shape), "params": count_params(model)}
@@ -538,13 +610,15 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     else:
         if state["keep"] is not None:
             model = prune_model(model, targets, state["keep"])
+        if state.get("wrapped"):  # a bypass skeleton for the saved d, dbar
+            model = bypass.attach(model, targets, cfg.mode)
         model.load_state_dict(state["model"])
         _set_rng_state(state["rng"])
     history, report, elapsed = state["history"], state["report"], state["elapsed"]
     epochs_this_call = [0]
 
     def checkpoint(stage, epoch, catalysts=None, opt=None, sched=None):
-        state.update(stage=stage, epoch=epoch, model=model.state_dict(), rng=_rng_state(),
+        state.update(stage=stage, epoch=epoch, model=model.state_dict(), wrapped=bypass.is_wrapped(model), rng=_rng_state(),
                      catalysts=None if catalysts is None else [d.detach().cpu().clone() for d in catalysts],
                      optimizer=None if opt is None else opt.state_dict(),
                      scheduler=None if sched is None else sched.state_dict(), config=asdict(cfg))
@@ -607,16 +681,15 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             report["calibration"] = calibrate_c0(model, cfg, train_set, input_shape, device, log)
             state["c0"] = report["calibration"]["c0"]
         timed("calibrate", t0)
-        ts = _target_set(model, cfg, method, targets)
-        catalysts = method.init_catalysts(ts, state["c0"])
-        state["initial_norms"] = method.norms(ts).cpu()  # for the magnitude-bias figure
+        state["initial_norms"] = method.norms(_target_set(model, cfg, method, targets)).cpu()  # magnitude-bias figure
+        model, catalysts = _start_opt1(model, cfg, method, targets, state["c0"])
         checkpoint("opt1", 0, catalysts=catalysts)
 
     # ---- opt1: L + gamma_t R (or the baseline's sparsity term) until every channel is decided
     if state["stage"] == "opt1":
         t0 = time.perf_counter()
         ts = _target_set(model, cfg, method, targets)
-        catalysts = _load_catalysts(state, method, device)
+        catalysts = _saved_catalysts(model, targets, state, method, device)
         opt = _opt1_optimizer(model, catalysts, cfg, method)
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
@@ -663,10 +736,11 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
     if state["stage"] == "prune":
         t0 = time.perf_counter()
         ts = _target_set(model, cfg, method, targets)
-        catalysts = _load_catalysts(state, method, device)
+        catalysts = _saved_catalysts(model, targets, state, method, device)
         decisions, rule, robustness = _method_decisions(method, cfg, model, ts, catalysts, targets, input_shape)
         keep = {t.name: d["keep"].tolist() for t, d in zip(targets, decisions)}
-        pruned = prune_model(model, targets, keep)
+        # With the bypass, the kept channels keep their d and dbar entries (re-wrapped after the surgery).
+        pruned = bypass.prune(model, targets, keep) if bypass.is_wrapped(model) else prune_model(model, targets, keep)
         masked = mask_model(model, targets, keep)
         x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
         model.eval(), pruned.eval(), masked.eval()
@@ -724,7 +798,42 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         # Fine-tuning is plain loss; the sliced catalysts are kept in the checkpoint for a user who continues opt1.
         catalysts = slice_catalysts(catalysts, targets, keep)
         timed("prune", t0)
-        checkpoint("finetune", 0, catalysts=catalysts)
+        checkpoint("opt2" if bypass.is_wrapped(model) else "finetune", 0, catalysts=catalysts)
+
+    # ---- opt2 (bypass formulation only): drive d - dbar of the kept channels to 0, then fold the bypass away
+    if state["stage"] == "opt2":
+        t0 = time.perf_counter()
+        lr2 = cfg.opt2_learning_rate
+        opt = bypass.opt2_optimizer(model, lr2, cfg.momentum, cfg.weight_decay)
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        op2 = report.setdefault("opt2", {"epochs": cfg.opt2_epochs, "mu": cfg.opt2_mu, "ramp": cfg.opt2_ramp, "lr": lr2,
+                                         "initial_max_abs_coefficient": bypass.max_abs_coefficient(model),
+                                         "objective": "L + mu_t * sum (d - dbar)^2 over the kept channels"})
+        for e in range(state["epoch"], cfg.opt2_epochs):
+            mu = bypass.opt2_mu(cfg.opt2_mu, cfg.opt2_ramp, e)
+            loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt2", e))
+            rec = _train_epoch(model, loader, opt, device, after_backward=lambda: bypass.add_coefficient_penalty_grad_(model, mu),
+                               progress=cfg.progress, desc=f"opt2 {e + 1}/{cfg.opt2_epochs}")
+            rec.update(stage="opt2", epoch=e + 1, mu=mu, max_abs_coefficient=bypass.max_abs_coefficient(model),
+                       test_accuracy=evaluate(model, test_loader, device)["accuracy"])
+            history.append(rec)
+            log(f"opt2 {e + 1}/{cfg.opt2_epochs}: loss {rec['train_loss']:.4f} mu {mu:.3g} max|d - dbar| "
+                f"{rec['max_abs_coefficient']:.2e} acc {rec['test_accuracy']:.2f}%")
+            checkpoint("opt2", e + 1, opt=opt)
+            if interrupted():
+                timed("opt2", t0)
+                checkpoint("opt2", e + 1, opt=opt)
+                return {"status": "interrupted", "stage": "opt2", "epoch": e + 1}
+        x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
+        model, snap = bypass.snap_and_fold(model, cfg.opt2_tol, lambda m: evaluate(m, test_loader, device)["accuracy"], x)
+        op2.update(snap)
+        log(f"opt2: residual max|d - dbar| {snap['residual_max_abs_coefficient']:.2e} "
+            f"({'ok' if snap['residual_ok'] else 'ABOVE'} tol {cfg.opt2_tol:g}); snap d = dbar changed acc "
+            f"{snap['accuracy_before_snap']:.2f}% -> {snap['accuracy_after_snap']:.2f}%, logits by {snap['snap_max_abs_logit_change']:.2e}; "
+            "bypass folded away")
+        timed("opt2", t0)
+        checkpoint("finetune", 0)
 
     # ---- fine-tuning
     if state["stage"] == "finetune":
@@ -751,6 +860,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             "dense": report["dense"]["accuracy"],
             "regularized": report["opt1"]["accuracy"],
             "after_removal": report["prune"]["accuracy_after_removal"],
+            "after_opt2": report["opt2"]["accuracy_after_snap"] if "opt2" in report else None,
             "after_finetune": report["finetune"]["accuracy"],
         },
         "cost": {
@@ -770,7 +880,8 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         "runtime_s": dict(elapsed, total=sum(elapsed.values())),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
         "method": method.name,
-        "bypass_mode": "not implemented (regularizer-only mode)",
+        "formulation": cfg.formulation,
+        "opt2": report.get("opt2"),  # None for the regularizer formulation (stage skipped)
     }
     final["plots"] = _plots(out, {"config": final["config"], "opt1": report["opt1"]}, history, log) if cfg.plots else []
     with open(out / "report.json", "w") as f:
