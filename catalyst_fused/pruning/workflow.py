@@ -741,7 +741,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
         keep = {t.name: d["keep"].tolist() for t, d in zip(targets, decisions)}
         # With the bypass, the kept channels keep their d and dbar entries (re-wrapped after the surgery).
         pruned = bypass.prune(model, targets, keep) if bypass.is_wrapped(model) else prune_model(model, targets, keep)
-        masked = mask_model(model, targets, keep)
+        masked = mask_model(model, bypass.inner_targets(model, targets), keep)  # a wrapped BN is "<bn>.sigma"
         x = torch.cat([b[0] for b, _ in zip(test_loader, range(1))])[:256].to(device)
         model.eval(), pruned.eval(), masked.eval()
         with torch.no_grad():
