@@ -22,6 +22,9 @@ Choices **[our reading]** (the poster does not say them):
   bypass on the BN input would carry the signal of pruned channels past the penalty and make their
   removal lossy. There the bypass taps the BN *output* (the target's output): ``psi(x) = (d - dbar) BN(x)
   + BN(x)``, i.e. ``sigma`` is the identity after the target.
+* *Which targets*: groups with one producer and at most one BatchNorm (:func:`supported_targets`). A
+  coupled group (a ResNet stage's residual channels: several producers, several BNs) has no single
+  ``sigma`` to extend; the pipeline leaves such groups out of a bypass run and reports them as excluded.
 * ``dbar`` is a trained parameter, in the catalysts' parameter group (no weight decay, ``catalyst_lr``).
   The loss gradients of ``d`` and ``dbar`` are equal and opposite, so ``d + dbar`` moves with the penalty
   only and the bypass coefficient ``d - dbar`` with the loss (and the penalty's pull on ``d``).

@@ -4,6 +4,10 @@
     decided or the budget ends) -> decide (prune decided channels with c > 1) -> physical removal (verified)
     -> fine-tuning -> report (JSON + plots)
 
+``method`` picks what opt1 does and how channels are decided: Catalyst (the default, described below) or
+one of the baselines of :mod:`.methods` (Group Lasso, network slimming, LATS elementwise and group), which
+share every other stage.
+
 Choices **[our reading]**, stated here once:
 
 * Formulation (``formulation``): ``"regularizer"`` (the default, section 4a): the catalysts ``d`` appear
