@@ -3,7 +3,7 @@ Every method prunes the same dense model (per seed) to the FLOPs ratio Catalyst 
 budgets and fine-tuning; mean ± std over seeds.
 
     python experiments/accuracy_vs_flops.py                  # quick: digits, 3 seeds, one operating point
-    python experiments/accuracy_vs_flops.py --setting full   # digits, four operating points
+    python experiments/accuracy_vs_flops.py --setting full   # digits, two operating points
     python experiments/accuracy_vs_flops.py --setting cifar10 --data-root ~/data/cifar10  # ResNet-56, slow
 
 Writes results/accuracy_vs_flops_<setting>.{md,json,png}.

@@ -108,6 +108,10 @@ def test_unknown_method_names_the_flag():
         get_method("l2")
     with pytest.raises(ValueError, match="--method"):
         PruneConfig(method="l2").validate()
+    with pytest.raises(ValueError, match="--formulation bypass is Catalyst's"):
+        PruneConfig(method="group_lasso", formulation="bypass").validate()
+    with pytest.raises(ValueError, match="--norm-threshold"):
+        PruneConfig(method="group_lasso", norm_threshold=0.0).validate()
 
 
 def test_threshold_and_rank_decisions_never_empty_a_layer():
