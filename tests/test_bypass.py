@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import catalyst_fused as cf
+from _helpers import assert_resumed_run_equals_straight_run
 from catalyst_fused import prune as cli
 from catalyst_fused.data import load_dataset
 from catalyst_fused.models import build_model
@@ -281,14 +282,8 @@ def test_bypass_resume_reproduces_an_uninterrupted_run(tmp_path):
     second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=_quiet)
     assert second["status"] == "interrupted" and second["stage"] == "opt2"
     resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=_quiet)
-    a = torch.load(tmp_path / "a" / "pruned_model.pt", weights_only=False)["model"].state_dict()
-    b = torch.load(tmp_path / "b" / "pruned_model.pt", weights_only=False)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert straight["accuracy"] == resumed["accuracy"] and straight["per_layer_kept"] == resumed["per_layer_kept"]
+    assert_resumed_run_equals_straight_run(tmp_path / "a", tmp_path / "b", straight, resumed)
     assert straight["opt2"] == resumed["opt2"]
-    assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
 
 
 def test_calibration_trials_run_the_bypass_opt1():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import catalyst_fused as cf
+from _helpers import assert_resumed_run_equals_straight_run
 from catalyst_fused import prune as cli
 from catalyst_fused.data import load_dataset
 from catalyst_fused.models import build_model
@@ -220,14 +221,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=_quiet)
     assert second["status"] == "interrupted" and second["stage"] == "finetune"
     resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=_quiet)
-    a = torch.load(tmp_path / "a" / "pruned_model.pt", weights_only=False)["model"].state_dict()
-    b = torch.load(tmp_path / "b" / "pruned_model.pt", weights_only=False)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert straight["accuracy"] == resumed["accuracy"]
-    assert straight["per_layer_kept"] == resumed["per_layer_kept"]
-    assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
+    assert_resumed_run_equals_straight_run(tmp_path / "a", tmp_path / "b", straight, resumed)
 
 
 def test_calibration_moves_the_pruned_fraction_the_right_way():
