@@ -176,6 +176,7 @@ def test_every_baseline_runs_through_the_pipeline_to_a_target(tmp_path, method):
     assert len(ch["initial_norm"]) == len(ch["statistic"]) == len(ch["pruned"]) == prune["channels_total"]
     assert sum(ch["pruned"]) == prune["channels_pruned"] > 0
     assert report["stages"]["opt1"]["epochs_run"] == 2  # no stop rule: the whole budget
+    assert isinstance(prune["warnings"], list)
     if method == "slimming":
         assert prune["statistic"] == "-log10 |bn.gamma|"
     if method.startswith("lats"):
@@ -219,3 +220,12 @@ def test_experiment_scripts_produce_complete_results(tmp_path):
     for p in points:
         assert p["seeds"] == [0, 1]
         assert 0 <= p["acc_finetuned"][0] <= 100 and math.isfinite(p["flops_ratio"][0])
+
+
+def test_a_collapsing_opt1_is_reported(tmp_path):
+    setting = dict(TINY, dense_epochs=8, train_limit=512, gamma=3.0, c0=1.5)  # a trained model, a huge penalty
+    cfg = PruneConfig(out=str(tmp_path / "run"), **setting)
+    report = run_pipeline(cfg, log=lambda _m: None)
+    acc = report["accuracy"]
+    assert acc["dense"] - acc["regularized"] > 10, acc  # the configuration does collapse the model
+    assert "too strong" in report["stages"]["prune"]["warnings"][0]
