@@ -228,4 +228,4 @@ def test_a_collapsing_opt1_is_reported(tmp_path):
     report = run_pipeline(cfg, log=lambda _m: None)
     acc = report["accuracy"]
     assert acc["dense"] - acc["regularized"] > 10, acc  # the configuration does collapse the model
-    assert "too strong" in report["stages"]["prune"]["warnings"][0]
+    assert "too large for this model" in report["stages"]["prune"]["warnings"][0]

@@ -793,11 +793,12 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
                 "argmax_agreement": float((y_pruned.argmax(1) == y_reg.argmax(1)).float().mean()),
             },
         }
-        # A penalty too strong for the model collapses it during opt1 (every channel goes to c > 1): say so.
+        # A penalty or learning rate too large for the model collapses it during opt1: say so.
         lost = report["dense"]["accuracy"] - acc_reg
         report["prune"]["warnings"] = [] if lost <= 10 else [
             f"opt1 lost {lost:.1f} points of test accuracy (dense {report['dense']['accuracy']:.2f}% -> {acc_reg:.2f}%): "
-            "the sparsity term is too strong for this model; try a smaller --gamma (or --c0)"]
+            "the sparsity term or the opt1 learning rate is too large for this model; try a smaller --gamma, --c0 "
+            "or --lr"]
         for w in report["prune"]["warnings"]:
             log(f"warning: {w}")
         v = report["prune"]["verification"]
