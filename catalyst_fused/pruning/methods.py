@@ -111,8 +111,8 @@ class GroupLasso(PruningMethod):
 
     def after_backward(self, ts, catalysts, gamma: float) -> None:
         F_cf.penalty_(ts.weights, catalysts, scale=gamma, layout=ts.layout)
-        for d in catalysts:  # constant catalysts: their gradient is not used
-            d.grad = None
+        for d in catalysts:  # constant catalysts: their gradient is not used (zeroed, not freed: no realloc per step)
+            d.grad.zero_()
 
 
 class NetworkSlimming(GroupLasso):

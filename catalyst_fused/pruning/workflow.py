@@ -321,7 +321,7 @@ def _margin(decisions: list[dict], exclude: bool = False) -> Optional[float]:
     return float(pruned.min() - kept.max())
 
 
-def _catalyst_stats(ts, catalysts, kappa: float, method: Optional[PruningMethod] = None) -> dict:
+def _decision_stats(ts, catalysts, kappa: float, method: Optional[PruningMethod] = None) -> dict:
     """Per-layer figures of the decision statistic ``s`` (``log10 c`` for Catalyst; see methods.py).
 
     Keys keep Catalyst's names (``log10c_gt_0`` = ``s > 0``). "Decided" (``|s| > kappa``) is Catalyst's
@@ -471,7 +471,7 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
     for e in range(cfg.calib_epochs or cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=_epoch_seed(cfg.seed, "opt1", e))
         _train_epoch(model, loader, opt, device, penalty=(method, ts, catalysts, _gamma_t(cfg, e)))
-        if not cfg.calib_epochs and _catalyst_stats(ts, catalysts, cfg.kappa)["undecided"] == 0:
+        if not cfg.calib_epochs and _decision_stats(ts, catalysts, cfg.kappa)["undecided"] == 0:
             break  # the pipeline's stop rule
     decisions = decide(method.scores(ts, catalysts), cfg.kappa)
     keep = {t.name: d["keep"] for t, d in zip(ts.targets, decisions)}
@@ -525,7 +525,16 @@ def _plots(out: Path, report: dict, history: list, log) -> list[str]:
         log("  plots skipped: matplotlib is not installed")
         return []
     files = []
-    layers = report.get("opt1", {}).get("final_catalysts", {}).get("layers", {})
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(str(out / name))
+
+    final = report.get("opt1", {}).get("final_catalysts", {})
+    layers = final.get("layers", {})
+    statistic = final.get("statistic", "log10 c")
     if layers:
         n = len(layers)
         cols = min(4, n)
@@ -534,17 +543,14 @@ def _plots(out: Path, report: dict, history: list, log) -> list[str]:
         centers = (np.array(HIST_BINS[:-1]) + np.array(HIST_BINS[1:])) / 2
         for ax, (name, info) in zip(axes.flat, layers.items()):
             ax.bar(centers, info["hist"], width=0.45)
-            ax.axvline(report["config"]["kappa"], color="r", lw=0.8)
-            ax.axvline(-report["config"]["kappa"], color="r", lw=0.8)
+            if statistic == "log10 c":  # the +-kappa band is Catalyst's decision rule; baselines have none
+                ax.axvline(report["config"]["kappa"], color="r", lw=0.8)
+                ax.axvline(-report["config"]["kappa"], color="r", lw=0.8)
             ax.set_title(name, fontsize=8)
-            ax.set_xlabel("log10 c", fontsize=7)
+            ax.set_xlabel(statistic, fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.tight_layout()
-        path = out / "log10c_histograms.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(str(path))
+        save(fig, "log10c_histograms.png")
     if history:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x = np.arange(1, len(history) + 1)
@@ -558,11 +564,7 @@ def _plots(out: Path, report: dict, history: list, log) -> list[str]:
                 start = i
         ax.set_xlabel("epoch (all stages)")
         ax.set_ylabel("test accuracy (%)")
-        fig.tight_layout()
-        path = out / "accuracy_curve.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(str(path))
+        save(fig, "accuracy_curve.png")
     return files
 
 
@@ -699,7 +701,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             opt.load_state_dict(state["optimizer"])
         op = report.setdefault("opt1", {"method": method.name, "c0": state["c0"], "stopped_because": None, "epochs_run": 0})
         start = state["epoch"]
-        stats = _catalyst_stats(ts, catalysts, cfg.kappa, method)
+        stats = _decision_stats(ts, catalysts, cfg.kappa, method)
         if start == 0:
             op["initial_fraction_decided"] = stats["fraction_decided"]
         # Only Catalyst has a stop rule on decidedness; the baselines spend the epoch budget.
@@ -711,7 +713,7 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
             rec = _train_epoch(model, loader, opt, device, penalty=(method, ts, catalysts, gamma), progress=cfg.progress,
                                desc=f"opt1 {e + 1}/{cfg.epochs}")
             e += 1
-            stats = _catalyst_stats(ts, catalysts, cfg.kappa, method)
+            stats = _decision_stats(ts, catalysts, cfg.kappa, method)
             rec.update(stage="opt1", epoch=e, gamma=gamma, test_accuracy=evaluate(model, test_loader, device)["accuracy"],
                        penalty=stats["penalty"], fraction_decided=stats["fraction_decided"],
                        fraction_c_gt_1=stats["fraction_c_gt_1"], undecided=stats["undecided"],
