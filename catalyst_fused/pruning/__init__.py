@@ -1,37 +1,55 @@
-"""Catalyst structured-pruning workflow: targets, training with the fused penalty, decision, physical
-channel removal, fine-tuning and reporting.
+"""Catalyst structured pruning of any model: the :class:`Pruner` object, and the whole workflow built on it.
 
+    import catalyst_fused as cf
+    pruner = cf.Pruner(model, example_inputs, gamma=0.03)      # see catalyst_fused.pruning.pruner
+    ...
     from catalyst_fused.pruning import PruneConfig, run_pipeline
     report = run_pipeline(PruneConfig(model="small_cnn", dataset="digits", out="runs/digits"))
 
-Command line: ``python -m catalyst_fused.prune --help``. See :mod:`catalyst_fused.pruning.workflow` for the
-choices the workflow makes and :mod:`catalyst_fused.pruning.targets` for which channels are prunable.
+Needs the ``[pruning]`` extra (Torch-Pruning finds the coupled channel groups). Command line:
+``python -m catalyst_fused.prune --help``. Layout: :mod:`.targets` (which channels are prunable),
+:mod:`.surgery` (physical removal), :mod:`.methods` (Catalyst and the baselines), :mod:`.formulations` and
+:mod:`.bypass` (regularizer / extended model), :mod:`.pruner` (the public object), :mod:`.metrics`,
+:mod:`.workflow` (the pipeline's stages and runner).
 """
 from . import bypass
+from .formulations import FORMULATIONS
+from .methods import METHODS, Decision
 from .metrics import count_flops, count_params, evaluate, measure_latency
-from .surgery import mask_model, prune_model, slice_catalysts
+from .pruner import CatalystPruner, PruneSummary, Pruner, PruningStats, TargetStats
+from .surgery import keep_indices, mask_model, prune_model, slice_catalysts, slice_optimizer_state_
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
-from .workflow import FORMULATIONS, PruneConfig, calibrate_c0, decide, predict_speedup, run_pipeline
+from .workflow import Interrupted, PruneConfig, Report, calibrate_c0, predict_speedup, run_pipeline
 
 __all__ = [
     "FORMULATIONS",
+    "METHODS",
     "MODES",
+    "CatalystPruner",
+    "Decision",
+    "Interrupted",
     "ModuleSlice",
     "PruneConfig",
+    "PruneSummary",
+    "Pruner",
+    "PruningStats",
+    "Report",
     "Target",
     "TargetSet",
+    "TargetStats",
     "build_target_set",
     "bypass",
     "calibrate_c0",
-    "predict_speedup",
     "count_flops",
     "count_params",
-    "decide",
     "evaluate",
     "find_targets",
+    "keep_indices",
     "mask_model",
     "measure_latency",
+    "predict_speedup",
     "prune_model",
     "run_pipeline",
     "slice_catalysts",
+    "slice_optimizer_state_",
 ]

@@ -49,7 +49,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from .surgery import _as_index, prune_model, replace_module
+from .surgery import keep_indices, prune_model, replace_module
 from .targets import Target
 
 __all__ = [
@@ -57,7 +57,12 @@ __all__ = [
     "Site",
     "find_sites",
     "attach",
+    "attach_",
     "unwrap",
+    "unwrap_",
+    "outer_targets",
+    "narrow_",
+    "fold_",
     "is_wrapped",
     "wrappers",
     "inner_targets",
@@ -218,31 +223,43 @@ def _wrap(model: nn.Module, sites: Sequence[Site], values: Mapping[str, tuple]) 
     return model
 
 
-def attach(model: nn.Module, targets: Sequence[Target], mode: str, catalysts: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
-    """A copy of ``model`` with a :class:`Bypass` at every target's site, ``d = dbar = catalysts[k]`` (the
-    values of ``cf.init_catalysts``, i.e. ``c0 * n``), or zeros when ``catalysts`` is None (a skeleton to
-    load a checkpoint into). ``model`` must be plain (no bypass yet)."""
+def attach_(model: nn.Module, targets: Sequence[Target], mode: str, catalysts: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
+    """Swaps a :class:`Bypass` in at every target's site of ``model`` itself (in place), ``d = dbar =
+    catalysts[k]`` (the values of ``cf.init_catalysts``, i.e. ``c0 * n``), or zeros when ``catalysts`` is
+    None (a skeleton to load a checkpoint into). ``model`` must be plain (no bypass yet)."""
     if is_wrapped(model):
         raise ValueError("bypass.attach: the model already carries bypass modules")
-    wrapped = copy.deepcopy(model)
-    modules = dict(wrapped.named_modules())
+    modules = dict(model.named_modules())
     if catalysts is None:
         catalysts = [modules[t.name].weight.new_zeros(t.channels) for t in targets]
     if len(catalysts) != len(targets):
         raise ValueError(f"bypass.attach: {len(targets)} targets but {len(catalysts)} catalyst vectors")
     values = {t.name: (d, d) for t, d in zip(targets, catalysts)}
-    return _wrap(wrapped, find_sites(wrapped, targets, mode), values)
+    return _wrap(model, find_sites(model, targets, mode), values)
+
+
+def attach(model: nn.Module, targets: Sequence[Target], mode: str, catalysts: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
+    """:func:`attach_` on a copy of ``model``."""
+    if is_wrapped(model):
+        raise ValueError("bypass.attach: the model already carries bypass modules")
+    return attach_(copy.deepcopy(model), targets, mode, catalysts)
+
+
+def unwrap_(model: nn.Module) -> dict:
+    """Replaces every :class:`Bypass` of ``model`` by its ``sigma`` (in place: this drops the bypass term)
+    and returns ``{producer: (site, d, dbar)}`` of the removed wrappers (detached)."""
+    removed = {}
+    for name, w in wrappers(model):
+        removed[w.producer] = (Site(w.producer, name, w.tap), w.d.detach(), w.dbar.detach())
+        replace_module(model, name, w.sigma)
+    return removed
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, dict]:
     """A plain copy of ``model`` (every :class:`Bypass` replaced by its ``sigma``: this drops the bypass
     term) and ``{producer: (site, d, dbar)}`` of the removed wrappers (detached)."""
     plain = copy.deepcopy(model)
-    removed = {}
-    for name, w in wrappers(plain):
-        removed[w.producer] = (Site(w.producer, name, w.tap), w.d.detach(), w.dbar.detach())
-        replace_module(plain, name, w.sigma)
-    return plain, removed
+    return plain, unwrap_(plain)
 
 
 def inner_targets(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
@@ -255,6 +272,50 @@ def inner_targets(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
             t = replace(t, bns=[replace(b, module=b.module + ".sigma") for b in t.bns])
         out.append(t)
     return out
+
+
+def outer_targets(targets: Sequence[Target]) -> list[Target]:
+    """The inverse of :func:`inner_targets`: BatchNorm names without their ``.sigma`` suffix."""
+    out = []
+    for t in targets:
+        if any(b.module.endswith(".sigma") for b in t.bns):
+            t = replace(t, bns=[replace(b, module=b.module[: -len(".sigma")]) if b.module.endswith(".sigma") else b
+                                for b in t.bns])
+        out.append(t)
+    return out
+
+
+def narrow_(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, torch.Tensor], record=None) -> None:
+    """Narrows ``d`` and ``dbar`` of every wrapper to the kept channels of its producer's target (new
+    parameters on the same wrappers; ``record`` collects them for the optimizer)."""
+    from .surgery import ParameterSlices, narrow_attr_
+
+    record = ParameterSlices() if record is None else record
+    by_producer = {w.producer: w for _, w in wrappers(model)}
+    for t in targets:
+        w = by_producer.get(t.name)
+        if w is None or t.name not in keep:
+            continue
+        idx = keep[t.name]
+        narrow_attr_(w, "d", 0, idx, record)
+        narrow_attr_(w, "dbar", 0, idx, record)
+
+
+def fold_(model: nn.Module) -> float:
+    """Ends opt2 in place: sets ``d = dbar`` exactly (then ``psi == sigma``) and unwraps every bypass.
+    Returns the residual ``max |d - dbar|`` it snapped away.
+
+    Raises:
+        RuntimeError: if a :class:`Bypass` is left (cannot happen short of a bug).
+    """
+    residual = max_abs_coefficient(model)
+    with torch.no_grad():
+        for _, w in wrappers(model):
+            w.d.copy_(w.dbar)
+    unwrap_(model)
+    if is_wrapped(model):
+        raise RuntimeError("bypass.fold_: a Bypass module is left in the folded model")
+    return residual
 
 
 def catalysts(model: nn.Module, targets: Sequence[Target]) -> list[nn.Parameter]:
@@ -277,7 +338,7 @@ def prune(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, Sequen
     values, sites = {}, []
     for producer, (site, d, dbar) in removed.items():
         t = next(t for t in targets if t.name == producer)
-        idx = _as_index(keep.get(producer, range(t.channels)), d.device)
+        idx = keep_indices(keep.get(producer, range(t.channels)), t.channels, f"keep[{producer!r}]").to(d.device)
         values[producer] = (d.index_select(0, idx), dbar.index_select(0, idx))
         sites.append(site)
     return _wrap(pruned, sites, values)

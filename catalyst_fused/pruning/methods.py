@@ -1,7 +1,8 @@
 """Catalyst and the baselines it is compared with, behind one interface, on the same fused kernels.
 
 Every method trains the same target set (the groups of :mod:`.targets`) during the sparsity stage
-("opt1") and turns it into one *decision statistic* per channel, in decades, where larger means "prune":
+("opt1"), turns it into one *decision statistic* per channel, in decades, where larger means "prune", and
+owns its decision rule and its stop rule:
 
 =============== ============================================ ==================================== ==========
 method          training (objective / step)                  statistic ``s``                      decision
@@ -22,20 +23,37 @@ method          training (objective / step)                  statistic ``s``    
   that hold the groups (unstructured, its original form; a channel becomes removable when its whole group
   is zero); ``lats_group`` scales each group by ``max(0, 1 - gamma lr / n_i)``, the proximal step of Group
   Lasso, with the norms from the fused kernel.
-* Baseline decisions: with a target speed-up, channels are removed in decreasing order of ``s`` (a global
-  ranking, as network slimming does) until the FLOPs ratio reaches the target; without one, channels with
-  ``n_i <= norm_threshold`` are removed. They have no notion of "undecided": their stop rule is the epoch
-  budget. A layer never loses all its channels (the channel with the smallest ``s`` stays).
+* Catalyst decides by itself: a channel is *decided* when ``|log10 c| > kappa`` and pruned when decided with
+  ``c > 1``; its stop rule is "every channel decided". The baselines have no notion of "undecided" and no
+  stop rule (the epoch budget ends them): with a target speed-up, channels are removed in decreasing order
+  of ``s`` (a global ranking, as network slimming does) until the FLOPs ratio reaches the target; without
+  one, channels with ``n_i <= norm_threshold`` are removed.
+* A layer never loses all its channels (the channel with the smallest ``s`` stays: ``forced_keep``).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import functional as F_cf
 
-__all__ = ["METHODS", "PruningMethod", "get_method", "rank_decisions", "decision_flips", "spearman"]
+__all__ = [
+    "METHODS",
+    "Decision",
+    "DecisionRule",
+    "RuleContext",
+    "PruningMethod",
+    "get_method",
+    "rank_decisions",
+    "threshold_decisions",
+    "top_k_decisions",
+    "decision_flips",
+    "spearman",
+    "scale_groups_",
+]
 
 # log10 of a norm or ratio; zeros map to -300 (a zero filter's c is +inf: always prunable).
 _TINY = 1e-300
@@ -45,14 +63,62 @@ def _log10(x: torch.Tensor) -> torch.Tensor:
     return torch.log10(x.detach().double().cpu().clamp_min(_TINY))
 
 
+def _segment_sizes(ts) -> list[int]:
+    return [w.shape[0] for w in ts.weights] if ts.layout is None else list(ts.layout.segment_sizes)
+
+
+@dataclass
+class Decision:
+    """One target's decision: ``prune`` and ``undecided`` are bool masks over its channels (undecided
+    channels are kept); ``statistic`` is the method's ``s`` per channel (fp64, CPU; larger = prune)."""
+
+    target: str
+    statistic: torch.Tensor
+    prune: torch.Tensor
+    undecided: torch.Tensor
+    forced_keep: bool = False
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """Indices of the channels that stay."""
+        return (~self.prune).nonzero().flatten()
+
+    @property
+    def channels(self) -> int:
+        return int(self.prune.numel())
+
+
+@dataclass
+class RuleContext:
+    """What a decision rule may use besides the statistics."""
+
+    kappa: float = 2.0
+    target_speedup: Optional[float] = None
+    norm_threshold: float = 1e-2
+    speedup_of: Optional[Callable[[list], float]] = None  # prune masks -> FLOPs ratio dense / pruned
+
+
+@dataclass
+class DecisionRule:
+    """A method's rule for one context: ``decide(scores) -> [(prune, undecided, forced_keep)]``;
+    ``redecide`` applies the same rule to perturbed statistics (for the robustness figure: a ranking
+    removes the same *number* of channels again, so call ``decide`` first); ``text`` says it in words."""
+
+    text: str
+    decide: Callable[[list], list]
+    redecide: Callable[[list], list]
+
+
 class PruningMethod:
-    """Base class: what a method does around each optimizer step and how it scores channels."""
+    """Base class: what a method does around each optimizer step, how it scores and decides channels."""
 
     name = ""
     statistic = "-log10 n"
     trains_catalysts = False  # are the catalysts optimizer parameters?
     uses_catalysts = False  # does training need catalyst vectors at all?
-    self_deciding = False  # does the method decide without a threshold or a target (Catalyst's c rule)?
+    has_stop_rule = False  # can the method tell by itself that opt1 is done?
+    reaches_target_by_ranking = True  # a target speed-up is met by ranking channels (else: calibration)
+    needs_lr = False  # does after_step need the learning rate?
 
     def effective_mode(self, mode: str, bn_beta: bool) -> tuple[str, bool]:
         return mode, bn_beta
@@ -61,13 +127,14 @@ class PruningMethod:
         """Catalyst vectors (one per segment); constant ones for the constant-catalyst baselines."""
         if not self.uses_catalysts:
             return []
-        sizes = [w.shape[0] for w in ts.weights] if ts.layout is None else list(ts.layout.segment_sizes)
-        return [torch.ones(s, dtype=ts.weights[0].dtype, device=ts.weights[0].device) for s in sizes]
+        return [torch.ones(s, dtype=ts.weights[0].dtype, device=ts.weights[0].device) for s in _segment_sizes(ts)]
 
-    def after_backward(self, ts, catalysts: Sequence[torch.Tensor], gamma: float) -> None:
-        """Adds the penalty's gradient (between ``loss.backward()`` and ``optimizer.step()``)."""
+    def regularize(self, ts, catalysts: Sequence[torch.Tensor], scale: float):
+        """Adds ``scale`` times the sparsity term's gradient (between ``loss.backward()`` and
+        ``optimizer.step()``); returns the fused call's :class:`~catalyst_fused.PenaltyStats` or None."""
+        return None
 
-    def after_step(self, ts, gamma: float, lr: float) -> None:
+    def after_step(self, ts, gamma: float, lr: Optional[float]) -> None:
         """The proximal part of the step (after ``optimizer.step()``)."""
 
     def norms(self, ts, weights: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
@@ -78,9 +145,51 @@ class PruningMethod:
         norms = self.norms(ts, weights)
         return list(torch.split(-_log10(norms), _segment_sizes(ts)))
 
+    def undecided(self, scores: Sequence[torch.Tensor], kappa: float) -> list[torch.Tensor]:
+        """Masks of the channels the method has not decided yet (none for the baselines)."""
+        return [torch.zeros(len(s), dtype=torch.bool) for s in scores]
 
-def _segment_sizes(ts) -> list[int]:
-    return [w.shape[0] for w in ts.weights] if ts.layout is None else list(ts.layout.segment_sizes)
+    def rule(self, ctx: RuleContext) -> DecisionRule:
+        """The baselines' rule: a global ranking to ``ctx.target_speedup``, else a norm threshold."""
+        if ctx.target_speedup is not None:
+            if ctx.speedup_of is None:
+                raise ValueError(f"method {self.name}: a target speed-up needs a FLOPs counter (speedup_of)")
+            rule = DecisionRule(f"remove the channels with the largest {self.statistic} (one global ranking), the fewest "
+                                f"that reach a {ctx.target_speedup}x FLOPs ratio", None, None)
+            count = [0]
+
+            def decide(scores):
+                masks = rank_decisions(scores, ctx.speedup_of, ctx.target_speedup)
+                count[0] = sum(int(m.sum()) for m in masks)
+                rule.text = (f"remove the {count[0]} channels with the largest {self.statistic} (one global ranking), the "
+                             f"fewest that reach a {ctx.target_speedup}x FLOPs ratio")
+                return _no_undecided(scores, masks)
+
+            def redecide(scores):  # the same number of channels again
+                return _no_undecided(scores, top_k_decisions(scores, count[0]))
+
+            rule.decide, rule.redecide = decide, redecide
+            return rule
+        threshold = -math.log10(ctx.norm_threshold)
+
+        def by_threshold(scores):
+            return _no_undecided(scores, threshold_decisions(scores, threshold))
+
+        return DecisionRule(f"remove iff the group norm n_i <= norm_threshold={ctx.norm_threshold}", by_threshold, by_threshold)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def summary(self) -> dict:
+        """Method-specific figures for the report."""
+        return {}
+
+
+def _no_undecided(scores, masks) -> list:
+    return [(m, torch.zeros_like(m), bool(len(m) > 1 and int(m.sum()) == len(m) - 1)) for m in masks]
 
 
 class Catalyst(PruningMethod):
@@ -88,19 +197,41 @@ class Catalyst(PruningMethod):
     statistic = "log10 c"
     trains_catalysts = True
     uses_catalysts = True
-    self_deciding = True
+    has_stop_rule = True
+    reaches_target_by_ranking = False
 
     def init_catalysts(self, ts, c0: float) -> list[torch.Tensor]:
         return F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
 
-    def after_backward(self, ts, catalysts, gamma: float) -> None:
-        F_cf.penalty_(ts.weights, catalysts, scale=gamma, layout=ts.layout)
+    def regularize(self, ts, catalysts, scale: float):
+        return F_cf.penalty_(ts.weights, catalysts, scale=scale, layout=ts.layout)
 
     def scores(self, ts, catalysts, weights=None) -> list[torch.Tensor]:
         with torch.no_grad():
             stats = F_cf.penalty(ts.weights if weights is None else weights, catalysts, layout=ts.layout,
                                  return_stats=True)
         return list(torch.split(_log10(stats.ratios), _segment_sizes(ts)))
+
+    def undecided(self, scores, kappa: float) -> list[torch.Tensor]:
+        return [s.abs() <= kappa for s in scores]
+
+    def rule(self, ctx: RuleContext) -> DecisionRule:
+        kappa = ctx.kappa
+
+        def decide(scores):
+            out = []
+            for s in scores:
+                undecided = s.abs() <= kappa
+                prune = (~undecided) & (s > 0)
+                forced = False
+                if bool(prune.all()):
+                    prune = prune.clone()
+                    prune[int(torch.argmin(s))] = False
+                    forced = True
+                out.append((prune, undecided, forced))
+            return out
+
+        return DecisionRule(f"remove iff |log10 c| > kappa={kappa} and c > 1; undecided channels are kept", decide, decide)
 
 
 class GroupLasso(PruningMethod):
@@ -109,10 +240,12 @@ class GroupLasso(PruningMethod):
     name = "group_lasso"
     uses_catalysts = True
 
-    def after_backward(self, ts, catalysts, gamma: float) -> None:
-        F_cf.penalty_(ts.weights, catalysts, scale=gamma, layout=ts.layout)
-        for d in catalysts:  # constant catalysts: their gradient is not used (zeroed, not freed: no realloc per step)
-            d.grad.zero_()
+    def regularize(self, ts, catalysts, scale: float):
+        stats = F_cf.penalty_(ts.weights, catalysts, scale=scale, layout=ts.layout)
+        for d in catalysts:  # constant catalysts: a gradient written for them is not used (zeroed, not freed)
+            if d.grad is not None:
+                d.grad.zero_()
+        return stats
 
 
 class NetworkSlimming(GroupLasso):
@@ -125,29 +258,52 @@ class NetworkSlimming(GroupLasso):
         return "bn", False
 
 
-class LATS(PruningMethod):
+class _SoftThreshold(PruningMethod):
+    needs_lr = True
+
+    def __init__(self):
+        self.threshold = 0.0  # the cumulative threshold t_k = sum gamma_s * lr_s
+
+    def after_step(self, ts, gamma: float, lr: Optional[float]) -> None:
+        if lr is None:
+            raise ValueError(f"method {self.name}: after_step needs the learning rate (pass lr= or attach the optimizer)")
+        tau = gamma * lr
+        self.threshold += tau
+        with torch.no_grad():
+            self._threshold_(ts, tau)
+
+    def _threshold_(self, ts, tau: float) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold = float(state.get("threshold", 0.0))
+
+    def summary(self) -> dict:
+        return {"final_threshold": self.threshold}
+
+
+class LATS(_SoftThreshold):
     """Elementwise soft threshold with the LATS schedule (proximal L1, ``lam = gamma`` constant)."""
 
     name = "lats"
 
-    def after_step(self, ts, gamma: float, lr: float) -> None:
-        tau = gamma * lr
-        with torch.no_grad():
-            for w in ts.weights:
-                w.copy_(torch.sign(w) * (w.abs() - tau).clamp_min(0))
+    def _threshold_(self, ts, tau: float) -> None:
+        for w in ts.weights:
+            w.copy_(torch.sign(w) * (w.abs() - tau).clamp_min(0))
 
 
-class LATSGroup(PruningMethod):
+class LATSGroup(_SoftThreshold):
     """Group soft threshold ``F_i <- F_i max(0, 1 - gamma lr / n_i)``: proximal Group Lasso, LATS schedule."""
 
     name = "lats_group"
 
-    def after_step(self, ts, gamma: float, lr: float) -> None:
-        tau = gamma * lr
-        with torch.no_grad():
-            norms = self.norms(ts)
-            factors = (1 - tau / norms.clamp_min(_TINY)).clamp_min(0)
-            scale_groups_(ts.weights, ts.layout, factors)
+    def _threshold_(self, ts, tau: float) -> None:
+        norms = self.norms(ts)
+        factors = (1 - tau / norms.clamp_min(_TINY)).clamp_min(0)
+        scale_groups_(ts.weights, ts.layout, factors)
 
 
 def scale_groups_(weights: Sequence[torch.Tensor], layout, factors: torch.Tensor) -> None:
@@ -159,9 +315,13 @@ def scale_groups_(weights: Sequence[torch.Tensor], layout, factors: torch.Tensor
     starts = [0]
     for s in layout.segment_sizes[:-1]:
         starts.append(starts[-1] + s)
-    for tensor, dim, start, count, segment, offset in layout.member_table.tolist():
+    table = layout.member_table.tolist()
+    for row in table:
+        tensor, dim, start, count, segment, offset = row[:6]
+        width = row[6] if len(row) > 6 else 1  # slices per group (several consecutive rows per group)
         w = weights[tensor]
-        f = factors[starts[segment] + offset : starts[segment] + offset + count].to(w.dtype)
+        groups = count // width
+        f = factors[starts[segment] + offset : starts[segment] + offset + groups].to(w.dtype).repeat_interleave(width)
         shape = [1] * w.dim()
         shape[dim] = count
         w.narrow(dim, start, count).mul_(f.view(shape))
@@ -192,10 +352,10 @@ def threshold_decisions(scores: Sequence[torch.Tensor], threshold: float) -> lis
 def _rank_order(scores: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """(segment, channel) pairs in pruning order: decreasing ``s`` (ties by position), skipping the last
     channel of each segment so that no layer is emptied."""
-    flat = torch.cat(list(scores))
+    flat = torch.cat(list(scores)).double()
     seg = torch.cat([torch.full((len(s),), k, dtype=torch.long) for k, s in enumerate(scores)])
     idx = torch.cat([torch.arange(len(s)) for s in scores])
-    order = sorted(range(flat.numel()), key=lambda j: (-float(flat[j]), j))
+    order = torch.argsort(-flat, stable=True).tolist()  # ties keep their position order
     left = [len(s) for s in scores]
     out = []
     for j in order:
@@ -238,7 +398,7 @@ def decision_flips(decide: Callable[[list], list], scores_of: Callable[[list], l
     ``w * (1 + noise * eps)``: the mean and max over ``draws`` of the flipped fraction of channels.
 
     ``scores_of(weights)`` recomputes the statistic on perturbed weights, ``decide(scores)`` applies the
-    method's decision rule, ``reference`` is the unperturbed prune masks."""
+    method's decision rule and returns prune masks, ``reference`` is the unperturbed prune masks."""
     gen = torch.Generator().manual_seed(seed)
     ref = torch.cat([m.cpu() for m in reference])
     fractions = []

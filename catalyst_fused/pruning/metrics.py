@@ -7,14 +7,17 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .targets import example_batch, run_example
+
 __all__ = ["count_flops", "count_params", "measure_latency", "evaluate"]
 
 
-def count_flops(model: nn.Module, input_shape) -> dict:
-    """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` for one sample of ``input_shape``
-    (``(C, H, W)``), counted with forward hooks: conv ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``,
-    linear ``in * out``. Returns ``{"macs": ..., "flops": 2 * macs}`` (BN, activations, pooling and
-    biases are not counted)."""
+def count_flops(model: nn.Module, example_inputs) -> dict:
+    """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` per sample, counted with forward hooks
+    on one forward pass of ``example_inputs`` (one sample's shape such as ``(C, H, W)``, or example inputs
+    as :func:`~catalyst_fused.pruning.targets.find_targets` takes them; the hooks read the first sample):
+    conv ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``, linear ``in * out``. Returns
+    ``{"macs": ..., "flops": 2 * macs}`` (BN, activations, pooling and biases are not counted)."""
     total = [0]
 
     def conv_hook(m, inp, out):
@@ -29,16 +32,17 @@ def count_flops(model: nn.Module, input_shape) -> dict:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-    p = next(model.parameters())
-    was_training = model.training
+    example = example_batch(model, example_inputs)
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+            run_example(model, example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return {"macs": int(total[0]), "flops": int(2 * total[0])}
 
 

@@ -1,27 +1,49 @@
 """Physical channel removal: a genuinely smaller dense model, and the masked model used to verify it.
 
-:func:`prune_model` builds new ``nn.Conv2d`` / ``nn.Linear`` / BatchNorm modules holding only the kept
-indices of every slice of every target (producer output rows, BN entries and running statistics, consumer
-input columns; see :class:`~catalyst_fused.pruning.targets.Target`) and swaps them into a deep copy of the
-model; the original is left untouched. The result depends only on (model, targets, keep), which is how a
-checkpoint rebuilds the pruned architecture. Operations between layers (residual additions, pooling,
-concatenation, flatten of a 1x1 map) have no channel count of their own and need no change.
+:func:`prune_model` keeps only the kept indices of every slice of every target (producer output rows and
+biases, BN entries and running statistics, consumer input columns; see
+:class:`~catalyst_fused.pruning.targets.Target`). It works **in place on the modules**: every
+``nn.Conv2d`` / ``nn.Linear`` / BatchNorm keeps its identity and its ``nn.Parameter`` objects (their
+``.data`` and ``.grad`` are narrowed and the width attributes updated), so references a user holds
+(``model.fc``, hooks, an optimizer's parameter list) stay valid; :func:`slice_optimizer_state_` then narrows
+the optimizer's per-parameter state (momentum buffers, Adam moments) the same way. With ``inplace=False``
+(the default) it works on a deep copy and leaves the original untouched. The result depends only on
+(model, targets, keep), which is how a checkpoint rebuilds the pruned architecture. Operations between
+layers (residual additions, pooling, concatenation, flatten of a 1x1 map) have no channel count of their own
+and need no change.
 
 :func:`mask_model` zeroes the consumer input columns of the removed channels instead: every path of a
 target's channels ends in one of its consumers, so its function is exactly the pruned model's (up to
 floating-point summation order), which is how the surgery itself is checked.
+
+A *keep set* per target is either a boolean mask over the target's channels (``True`` = keep) or a sequence
+of integer channel indices; anything else (floats, duplicates, a mask of the wrong length) is rejected.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .targets import Target
+from .targets import ModuleSlice, Target
 
-__all__ = ["prune_model", "mask_model", "slice_catalysts", "replace_module"]
+__all__ = [
+    "prune_model",
+    "mask_model",
+    "slice_catalysts",
+    "replace_module",
+    "keep_indices",
+    "ParameterSlices",
+    "narrow_attr_",
+    "narrow_tensor",
+    "slice_optimizer_state_",
+    "remap_targets",
+]
+
+_BN = nn.modules.batchnorm._BatchNorm
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -30,72 +52,49 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _pick(t: torch.Tensor, dim: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return t if mask is None else t.index_select(dim, mask.nonzero().flatten().to(t.device))
+def keep_indices(keep, channels: int, where: str) -> torch.Tensor:
+    """The sorted int64 indices of a keep set (a bool mask of length ``channels`` or integer indices).
+
+    Raises:
+        ValueError: naming ``where`` for a float or otherwise non-integer keep set, a mask of the wrong
+            length, duplicates, indices out of ``[0, channels)``, or an empty keep set.
+    """
+    if isinstance(keep, torch.Tensor):
+        t = keep.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(keep)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{where}: expected a bool mask or integer channel indices, got {type(keep).__name__}: {exc}") from exc
+    if t.numel() == 0:
+        raise ValueError(f"{where}: would keep no channel")
+    if t.dtype == torch.bool:
+        if t.dim() != 1 or t.numel() != channels:
+            raise ValueError(f"{where}: a boolean keep mask must have one entry per channel ({channels}), got shape {tuple(t.shape)}")
+        idx = t.nonzero().flatten()
+    elif t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{where}: channel indices must be integers (or a bool mask), got dtype {t.dtype}")
+    else:
+        if t.dim() > 1:
+            raise ValueError(f"{where}: channel indices must be 1-D, got shape {tuple(t.shape)}")
+        idx = t.flatten().long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= channels):
+            raise ValueError(f"{where}: indices are out of range [0, {channels})")
+        unique = torch.unique(idx)
+        if unique.numel() != idx.numel():
+            raise ValueError(f"{where}: channel indices contain duplicates")
+        idx = unique
+    if idx.numel() == 0:
+        raise ValueError(f"{where}: would keep no channel")
+    return idx
 
 
-def _new_conv(conv: nn.Conv2d, out_mask, in_mask) -> nn.Conv2d:
-    w = _pick(_pick(conv.weight.detach(), 0, out_mask), 1, in_mask)
-    new = nn.Conv2d(
-        w.shape[1],
-        w.shape[0],
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=1,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    ).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if conv.bias is not None:
-            new.bias.copy_(_pick(conv.bias.detach(), 0, out_mask))
-    new.train(conv.training)
-    return new
-
-
-def _new_linear(linear: nn.Linear, out_mask, in_mask) -> nn.Linear:
-    w = _pick(_pick(linear.weight.detach(), 0, out_mask), 1, in_mask)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if linear.bias is not None:
-            new.bias.copy_(_pick(linear.bias.detach(), 0, out_mask))
-    new.train(linear.training)
-    return new
-
-
-def _new_bn(bn: nn.modules.batchnorm._BatchNorm, mask) -> nn.Module:
-    new = type(bn)(
-        int(mask.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
-    )
-    ref = bn.weight if bn.affine else bn.running_mean
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(_pick(bn.weight.detach(), 0, mask))
-            new.bias.copy_(_pick(bn.bias.detach(), 0, mask))
-        if bn.track_running_stats:
-            new.running_mean.copy_(_pick(bn.running_mean, 0, mask))
-            new.running_var.copy_(_pick(bn.running_var, 0, mask))
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    new.train(bn.training)
-    return new
-
-
-def _as_index(keep, device) -> torch.Tensor:
-    idx = torch.as_tensor(keep, dtype=torch.long, device=device).flatten()
-    return torch.unique(idx)  # sorted
-
-
-def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, Sequence[int]]) -> dict:
+def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, object]) -> dict:
     """``(module name, dim) -> bool mask`` of the indices that stay, for every module dimension that loses
     some (dim 0: producer rows and BN entries, dim 1: consumer input columns).
 
     Raises:
-        ValueError: for a ``keep`` naming an unknown target, keeping no channel, or out of range.
+        ValueError: for a ``keep`` naming an unknown target or an invalid keep set (see :func:`keep_indices`).
     """
     by_name = {t.name: t for t in targets}
     unknown = sorted(set(keep) - set(by_name))
@@ -104,11 +103,7 @@ def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, Seq
     masks: dict = {}
     for name, kept_idx in keep.items():
         t = by_name[name]
-        idx = _as_index(kept_idx, torch.device("cpu"))
-        if idx.numel() == 0:
-            raise ValueError(f"keep[{name!r}]: target {name} would keep no channel")
-        if int(idx.min()) < 0 or int(idx.max()) >= t.channels:
-            raise ValueError(f"keep[{name!r}]: indices of target {name} are out of range [0, {t.channels})")
+        idx = keep_indices(kept_idx, t.channels, f"keep[{name!r}] (target {name})")
         if idx.numel() == t.channels:
             continue
         kept = torch.zeros(t.channels, dtype=torch.bool)
@@ -116,38 +111,186 @@ def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, Seq
         for dim, pieces in ((0, t.producers), (0, t.bns), (1, t.consumers)):
             for p in pieces:
                 mod = modules[p.module]
-                size = mod.num_features if isinstance(mod, nn.modules.batchnorm._BatchNorm) else mod.weight.shape[dim]
+                size = mod.num_features if isinstance(mod, _BN) else mod.weight.shape[dim]
                 mask = masks.setdefault((p.module, dim), torch.ones(size, dtype=torch.bool))
                 mask[p.start : p.start + p.count] &= kept[p.offset : p.offset + p.count]
     return masks
 
 
-def prune_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, Sequence[int]], *, inplace: bool = False) -> nn.Module:
-    """A copy of ``model`` (or ``model`` itself with ``inplace=True``) in which every target keeps only the
-    channels ``keep[target.name]`` (at least one). Targets missing from ``keep`` keep all channels.
+@dataclass
+class ParameterSlices:
+    """What a removal did to each parameter: ``old parameter -> (new parameter, [(dim, kept indices), ...])``,
+    the steps in the order applied (a convolution that is both a producer and a consumer loses rows, then
+    columns: one entry from the original parameter to the newest)."""
+
+    slices: dict = field(default_factory=dict)  # id(original) -> (original, newest, [(dim, idx)])
+    _origin: dict = field(default_factory=dict)  # id(any intermediate or newest) -> id(original)
+
+    def add(self, old: torch.Tensor, new: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+        key = self._origin.get(id(old), id(old))
+        if key in self.slices:
+            first, _, steps = self.slices[key]
+            self.slices[key] = (first, new, steps + [(dim, idx)])
+        else:
+            self.slices[key] = (old, new, [(dim, idx)])
+        self._origin[id(new)] = key
+
+    def apply(self, t: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        for dim, idx in self.slices[id(old)][2]:
+            t = t.index_select(dim, idx.to(t.device))
+        return t
+
+    def new(self, old: torch.Tensor) -> torch.Tensor:
+        return self.slices[id(old)][1]
+
+    def __contains__(self, param) -> bool:
+        return id(param) in self.slices
+
+
+def narrow_attr_(owner: nn.Module, name: str, dim: int, idx: torch.Tensor, record: ParameterSlices) -> None:
+    """Replaces ``owner.<name>`` (a parameter or buffer) by its slices ``idx`` along ``dim``.
+
+    A parameter becomes a **new** ``nn.Parameter`` (same ``requires_grad``, its ``.grad`` narrowed too):
+    changing the shape of an existing leaf through ``.data`` would leave autograd's cached gradient
+    accumulator with the old shape for as long as an old graph (a ``loss`` still in scope) refers to it.
+    ``record`` maps the old parameter to the new one for :func:`slice_optimizer_state_`."""
+    old = getattr(owner, name)
+    if old is None:
+        return
+    idx = idx.to(old.device)
+    with torch.no_grad():
+        data = old.detach().index_select(dim, idx).contiguous()
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(data, requires_grad=old.requires_grad)
+            if old.grad is not None:
+                new.grad = old.grad.index_select(dim, idx).contiguous()
+            setattr(owner, name, new)
+            record.add(old, new, dim, idx)
+        else:
+            setattr(owner, name, data)
+
+
+def narrow_tensor(t: torch.Tensor, dim: int, idx: torch.Tensor, record: ParameterSlices) -> torch.Tensor:
+    """A narrowed copy of ``t`` (a new ``nn.Parameter``, recorded, if ``t`` is one): for tensors held in a
+    list rather than a module (the pruner's catalysts)."""
+    holder = nn.Module()
+    if isinstance(t, nn.Parameter):
+        holder.register_parameter("t", t)
+    else:
+        holder.register_buffer("t", t)
+    narrow_attr_(holder, "t", dim, idx, record)
+    return holder.t
+
+
+def _prune_module_(mod: nn.Module, out_mask, in_mask, record: ParameterSlices, name: str) -> None:
+    out_idx = None if out_mask is None else out_mask.nonzero().flatten()
+    in_idx = None if in_mask is None else in_mask.nonzero().flatten()
+    if isinstance(mod, _BN):
+        if in_idx is not None:  # pragma: no cover - BN entries are dim-0 slices only
+            raise TypeError(f"prune_model: BatchNorm {name} has no input columns")
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            narrow_attr_(mod, attr, 0, out_idx, record)
+        mod.num_features = int(out_idx.numel())
+        return
+    if isinstance(mod, nn.Conv2d) and mod.groups != 1:  # pragma: no cover - find_targets excludes them
+        raise TypeError(f"prune_model: cannot slice grouped convolution {name} (groups={mod.groups})")
+    if not isinstance(mod, (nn.Conv2d, nn.Linear)):  # pragma: no cover - find_targets yields no other kind
+        raise TypeError(f"prune_model: cannot slice {type(mod).__name__} {name}")
+    out_attr, in_attr = ("out_channels", "in_channels") if isinstance(mod, nn.Conv2d) else ("out_features", "in_features")
+    if out_idx is not None:
+        narrow_attr_(mod, "weight", 0, out_idx, record)
+        narrow_attr_(mod, "bias", 0, out_idx, record)
+        setattr(mod, out_attr, int(out_idx.numel()))
+    if in_idx is not None:
+        narrow_attr_(mod, "weight", 1, in_idx, record)
+        setattr(mod, in_attr, int(in_idx.numel()))
+
+
+def prune_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object], *, inplace: bool = False,
+                record: Optional[ParameterSlices] = None) -> nn.Module:
+    """``model`` with every target keeping only the channels ``keep[target.name]`` (a bool mask or
+    indices; at least one). Targets missing from ``keep`` keep all channels. With ``inplace=False`` (the
+    default) a deep copy is pruned and returned; with ``inplace=True`` ``model`` itself, whose modules keep
+    their identity (their parameters are replaced by narrower ones). ``record`` (a :class:`ParameterSlices`)
+    collects what happened to each parameter, for :func:`slice_optimizer_state_`.
 
     Raises:
-        ValueError: for a bad ``keep`` (see :func:`_kept_masks`).
+        ValueError: for a bad ``keep`` (see :func:`keep_indices`), checked before anything changes.
     """
     masks = _kept_masks(dict(model.named_modules()), targets, keep)
     pruned = model if inplace else copy.deepcopy(model)
     modules = dict(pruned.named_modules())
+    record = ParameterSlices() if record is None else record
     for name in dict.fromkeys(n for n, _ in masks):  # each module once, in a fixed order
-        mod = modules[name]
-        out_mask, in_mask = masks.get((name, 0)), masks.get((name, 1))
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            new = _new_bn(mod, out_mask)
-        elif isinstance(mod, nn.Conv2d):
-            new = _new_conv(mod, out_mask, in_mask)
-        elif isinstance(mod, nn.Linear):
-            new = _new_linear(mod, out_mask, in_mask)
-        else:  # pragma: no cover - find_targets only yields Conv2d/Linear/BatchNorm slices
-            raise TypeError(f"prune_model: cannot slice {type(mod).__name__} {name}")
-        replace_module(pruned, name, new)
+        _prune_module_(modules[name], masks.get((name, 0)), masks.get((name, 1)), record, name)
     return pruned
 
 
-def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, Sequence[int]]) -> nn.Module:
+def slice_optimizer_state_(optimizer: torch.optim.Optimizer, record: ParameterSlices) -> int:
+    """Makes ``optimizer`` follow a removal: every narrowed parameter is replaced by its new parameter in
+    the parameter groups, and its per-parameter state (every tensor of the old shape: momentum buffers,
+    Adam moments, ...) is narrowed the same way; scalars such as ``step`` are kept. Returns the number of
+    parameters replaced.
+
+    Raises:
+        ValueError: for a state tensor whose shape matches neither the old nor the new parameter shape.
+    """
+    count = 0
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, old in enumerate(params):
+            if old not in record:
+                continue
+            new = record.new(old)
+            params[i] = new
+            count += 1
+            if old not in optimizer.state:
+                continue
+            state = optimizer.state.pop(old)
+            for key, value in list(state.items()):
+                if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == new.shape:
+                    continue
+                sliced = record.apply(value, old)
+                if sliced.shape != new.shape:
+                    raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)} does not fit a parameter "
+                                     f"narrowed to {tuple(new.shape)}")
+                state[key] = sliced
+            optimizer.state[new] = state
+    return count
+
+
+def _remap_piece(piece: ModuleSlice, dim_mask: Optional[torch.Tensor], kept: Optional[torch.Tensor]) -> ModuleSlice:
+    """``piece`` after a removal: its start moves by the removed indices before it, its count and offset by
+    the removed channels of its range and before its offset."""
+    start = piece.start if dim_mask is None else int(dim_mask[: piece.start].sum())
+    count = piece.count if kept is None else int(kept[piece.offset : piece.offset + piece.count].sum())
+    offset = piece.offset if kept is None else int(kept[: piece.offset].sum())
+    return replace(piece, start=start, count=count, offset=offset)
+
+
+def remap_targets(model_before: Mapping[str, nn.Module], targets: Sequence[Target], keep: Mapping[str, object]) -> list[Target]:
+    """The targets of the narrower model after removing ``keep`` (the same groups, renumbered), computed
+    from the masks without tracing the model again. ``model_before``: ``dict(model.named_modules())`` of
+    the model *before* the removal (only sizes are read)."""
+    masks = _kept_masks(dict(model_before), targets, keep)
+    out = []
+    for t in targets:
+        kept = None
+        if t.name in keep:
+            kept = torch.zeros(t.channels, dtype=torch.bool)
+            kept[keep_indices(keep[t.name], t.channels, f"keep[{t.name!r}]")] = True
+        channels = t.channels if kept is None else int(kept.sum())
+        out.append(replace(
+            t,
+            channels=channels,
+            producers=[_remap_piece(p, masks.get((p.module, 0)), kept) for p in t.producers],
+            bns=[_remap_piece(b, masks.get((b.module, 0)), kept) for b in t.bns],
+            consumers=[_remap_piece(c, masks.get((c.module, 1)), kept) for c in t.consumers],
+        ))
+    return out
+
+
+def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object]) -> nn.Module:
     """A copy of ``model`` with the consumer input columns of every removed channel set to zero: the same
     function as :func:`prune_model` with the same ``keep``, at the original width."""
     masked = copy.deepcopy(model)
@@ -160,10 +303,10 @@ def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, S
     return masked
 
 
-def slice_catalysts(catalysts: Sequence[torch.Tensor], targets: Sequence[Target], keep: Mapping[str, Sequence[int]]) -> list[torch.nn.Parameter]:
+def slice_catalysts(catalysts: Sequence[torch.Tensor], targets: Sequence[Target], keep: Mapping[str, object]) -> list[torch.nn.Parameter]:
     """The catalysts of the kept channels (one segment per target, in target order), as new parameters."""
     out = []
     for d, t in zip(catalysts, targets):
-        idx = _as_index(keep.get(t.name, range(t.channels)), d.device)
-        out.append(torch.nn.Parameter(d.detach().index_select(0, idx).clone()))
+        idx = keep_indices(keep[t.name], t.channels, f"keep[{t.name!r}]") if t.name in keep else torch.arange(t.channels)
+        out.append(torch.nn.Parameter(d.detach().index_select(0, idx.to(d.device)).clone()))
     return out

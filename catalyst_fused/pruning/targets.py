@@ -56,7 +56,7 @@ from torch import nn
 
 from ..layout import GroupLayout, Slices
 
-__all__ = ["MODES", "ModuleSlice", "Target", "find_targets", "TargetSet", "build_target_set"]
+__all__ = ["MODES", "ModuleSlice", "Target", "find_targets", "TargetSet", "build_target_set", "example_batch", "run_example"]
 
 MODES = ("bn", "filter", "group")
 
@@ -175,24 +175,87 @@ def _group_to_target(dg, group, names: dict, order: dict, outputs: set):
     return Target(producers[0].module, channels, producers, by_position(bns), by_position(consumers))
 
 
-def find_targets(model: nn.Module, input_shape: Sequence[int], *, return_excluded: bool = False):
+def example_batch(model: nn.Module, example_inputs):
+    """The example inputs a trace feeds ``model``: a tensor, a tuple/list of positional tensors or a dict of
+    keyword tensors as given, or, for a sequence of positive ints (one sample's shape), a zero batch of one
+    sample on the model's device and dtype.
+
+    Raises:
+        ValueError: for anything else (an empty or non-positive shape, a non-tensor input).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        if not example_inputs:
+            raise ValueError("example_inputs: an empty dict")
+        return example_inputs
+    if isinstance(example_inputs, (tuple, list, torch.Size)) and example_inputs and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in example_inputs):
+        shape = tuple(example_inputs)
+        if not all(s > 0 for s in shape):
+            raise ValueError(f"example_inputs / input_shape: a sample shape must be positive ints, got {shape}")
+        ref = next(model.parameters(), None)
+        return torch.zeros(1, *shape, device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ValueError(
+        "example_inputs / input_shape must be a tensor (a batch), a tuple of tensors, a dict of tensors, or one "
+        f"sample's shape as a sequence of positive ints; got {example_inputs!r}"
+    )
+
+
+def run_example(model: nn.Module, example):
+    """``model`` applied to an :func:`example_batch` result."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+def _ignored_names(model: nn.Module, ignored_layers) -> set:
+    """Names of every module in or under ``ignored_layers`` (modules or names of ``model``)."""
+    if not ignored_layers:
+        return set()
+    modules = dict(model.named_modules())
+    by_id = {id(m): n for n, m in modules.items()}
+    roots = []
+    for k, layer in enumerate(ignored_layers):
+        if isinstance(layer, str):
+            if layer not in modules:
+                raise ValueError(f"ignored_layers[{k}]: {layer!r} is not a module of the model")
+            roots.append(layer)
+        elif isinstance(layer, nn.Module):
+            if id(layer) not in by_id:
+                raise ValueError(f"ignored_layers[{k}]: a {type(layer).__name__} that is not part of the model")
+            roots.append(by_id[id(layer)])
+        else:
+            raise ValueError(f"ignored_layers[{k}]: expected an nn.Module of the model or its name, got {type(layer).__name__}")
+    names = set()
+    for name in modules:
+        if any(name == r or r == "" or name.startswith(r + ".") for r in roots):
+            names.add(name)
+    return names
+
+
+def find_targets(model: nn.Module, example_inputs, *, return_excluded: bool = False, ignored_layers=None):
     """Every prunable group of coupled channels of ``model`` (see the module docstring), in the order of
     the targets' names in ``model.named_modules()``.
 
     Args:
         model: the network; it is traced once in eval mode (its train/eval flags are restored, its
             parameters and buffers are not changed).
-        input_shape: the shape of one input sample, e.g. ``(3, 32, 32)``.
+        example_inputs: what ``model`` is called with for the trace: a batch tensor, a tuple of tensors, a
+            dict of keyword tensors, or one sample's shape (e.g. ``(3, 32, 32)``).
         return_excluded: also return the excluded groups, as ``{"producers": [...], "reason": ...}``.
+        ignored_layers: modules (or their names) whose output channels must not be pruned: a group with one
+            of them (or a module inside one of them) as producer or BatchNorm is excluded.
 
     Raises:
-        ValueError: for a bad ``input_shape``, or a model that DepGraph cannot trace.
+        ValueError: for bad ``example_inputs`` or ``ignored_layers``, or a model that DepGraph cannot trace.
     """
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"find_targets: input_shape must be a sequence of positive ints (one sample), got {input_shape!r}")
-    ref = next(model.parameters(), None)
-    example = torch.zeros(1, *shape, device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    example = example_batch(model, example_inputs)
+    ignored = _ignored_names(model, ignored_layers)
     modes = {m: m.training for m in model.modules()}
     outputs = []
     try:
@@ -202,7 +265,8 @@ def find_targets(model: nn.Module, input_shape: Sequence[int], *, return_exclude
             )
         groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
     except Exception as exc:
-        raise ValueError(f"find_targets: DepGraph cannot trace {type(model).__name__} with input_shape {shape}: {exc}") from exc
+        what = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise ValueError(f"find_targets: DepGraph cannot trace {type(model).__name__} with example inputs {what}: {exc}") from exc
     finally:
         for m, training in modes.items():  # build_dependency leaves the model in eval mode
             m.training = training
@@ -212,6 +276,10 @@ def find_targets(model: nn.Module, input_shape: Sequence[int], *, return_exclude
     targets, excluded = [], []
     for group in groups:
         result = _group_to_target(dg, group, names, order, outputs)
+        if isinstance(result, Target) and ignored:
+            hit = [p.module for p in (*result.producers, *result.bns) if p.module in ignored]
+            if hit:
+                result = f"ignored_layers: {', '.join(hit)}"
         if isinstance(result, Target):
             targets.append(result)
         else:
@@ -243,11 +311,12 @@ class TargetSet:
         return [t.channels for t in self.targets]
 
 
-def build_target_set(model: nn.Module, mode: str, *, input_shape: Optional[Sequence[int]] = None, bn_beta: bool = True,
+def build_target_set(model: nn.Module, mode: str, *, input_shape=None, bn_beta: bool = True,
                      targets: Optional[list] = None) -> TargetSet:
     """The Catalyst groups of ``model`` in ``mode`` ("bn", "filter" or "group").
 
-    ``targets`` defaults to ``find_targets(model, input_shape)``.
+    ``targets`` defaults to ``find_targets(model, input_shape)`` (``input_shape``: one sample's shape or
+    example inputs, as :func:`find_targets` takes them).
 
     Raises:
         ValueError: for an unknown ``mode``, neither ``targets`` nor ``input_shape`` given, or a model with

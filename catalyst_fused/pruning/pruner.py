@@ -1,0 +1,538 @@
+"""The pruner: Catalyst (and the baselines it is compared with) on any model, in any training loop.
+
+    import catalyst_fused as cf
+    pruner = cf.Pruner(model, example_inputs, mode="group", c0=1.0, gamma=0.03, kappa=2.0,
+                       ignored_layers=[model.fc])
+    optimizer = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9, weight_decay=5e-4))
+    pruner.attach_optimizer(optimizer)      # prune() then narrows its momentum buffers too
+    for x, y in loader:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        pruner.regularize()                 # one fused in-place call for every group of the model
+        optimizer.step()
+        pruner.after_step()                 # the method's proximal step, if any (LATS); nothing for Catalyst
+        if pruner.all_decided():
+            break
+    summary = pruner.prune()                # the model itself becomes narrower; catalysts and optimizer follow
+
+What the pruner does for the user (each step a user would otherwise take from private code):
+
+* **Targets**: the coupled channel groups of the model (Torch-Pruning's ``DependencyGraph``, traced once
+  with ``example_inputs``; :mod:`.targets`), less ``ignored_layers`` and what the mode or formulation cannot
+  carry (``pruner.excluded`` says why), expressed as one :class:`~catalyst_fused.GroupLayout`.
+* **Catalysts**: ``d_i = c0 * n_i`` (every channel starts at ratio ``c0``), owned by the pruner. Their
+  optimizer settings are the pruner's job: :meth:`param_groups` / :meth:`attach_optimizer` put them in their
+  own group **without weight decay** (it would pull every ``c`` towards "keep") and with the weights'
+  momentum (momentum on the weights only would move the bifurcation threshold; see workflow.py).
+* **Regularization**: :meth:`regularize` adds ``gamma * dR/dW`` and ``gamma * dR/dd`` into the gradients in
+  one fused call (``cf.penalty_``), after ``backward()`` and before ``optimizer.step()``. With AMP's
+  ``GradScaler`` pass it to the pruner (``grad_scaler=``): the gradients are still scaled at that point, so
+  the call is scaled too and unscaling leaves exactly ``gamma * dR/dW``.
+* **Decisions**: the method's rule (:mod:`.methods`): Catalyst prunes decided channels (``|log10 c| >
+  kappa``) with ``c > 1`` and keeps undecided ones; its stop rule is :meth:`all_decided`. Baselines rank
+  channels to a ``target_speedup`` or cut at ``norm_threshold`` and have no stop rule.
+* **Removal**: :meth:`prune` narrows the model **in place**: modules keep their identity (``model.fc``,
+  hooks), the pruned layers get new, narrower ``nn.Parameter`` objects (a leaf cannot change its shape
+  safely while an old autograd graph refers to it), the catalysts are narrowed, every attached optimizer
+  gets the new parameters and its state (momentum, Adam moments) narrowed the same way, and the targets are
+  renumbered (no new trace). Returns a :class:`PruneSummary`; can be called again later (iterative pruning).
+  **An optimizer built before** ``prune()`` **must be attached** (or passed) or rebuilt afterwards.
+* **Checkpoints**: :meth:`state_dict` / :meth:`load_state_dict` (load the pruner's state *before* the
+  model's: it re-applies earlier removals so that the model has the saved shapes).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .methods import Decision, PruningMethod, RuleContext, get_method
+from .metrics import count_flops, count_params
+from .formulations import Formulation, get_formulation
+from .surgery import ParameterSlices, keep_indices, narrow_tensor, prune_model, remap_targets, slice_optimizer_state_
+from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, example_batch, find_targets
+
+__all__ = ["Pruner", "CatalystPruner", "PruningStats", "TargetStats", "PruneSummary"]
+
+_STATE_FORMAT = "catalyst_fused.pruner/1"
+
+
+@dataclass
+class TargetStats:
+    """One target's decision statistic right now (``s = log10 c`` for Catalyst)."""
+
+    name: str
+    channels: int
+    decided: int
+    undecided: int
+    above_zero: int  # channels with s > 0 (c > 1 for Catalyst)
+    min: float
+    max: float
+    statistic: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class PruningStats:
+    """What :meth:`Pruner.stats` reports: per target and in total."""
+
+    statistic: str
+    penalty: float
+    targets: list
+    channels: int
+    decided: int
+    undecided: int
+    fraction_decided: float
+    fraction_above_zero: float
+    margin: Optional[float]  # min s over channels to prune - max s over kept ones, in decades
+
+
+@dataclass
+class PruneSummary:
+    """What :meth:`Pruner.prune` did."""
+
+    channels_total: int
+    channels_pruned: int
+    undecided_total: int
+    per_target: dict  # name -> {"channels", "kept", "pruned", "undecided", "forced_keep"}
+    keep: dict  # name -> kept channel indices (list of ints)
+    decisions: list  # Decision per target (None when an explicit keep was given)
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+
+def _check_number(name: str, value, *, positive: bool = False, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Pruner: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or (not allow_zero and value == 0):
+        raise ValueError(f"Pruner: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
+class Pruner:
+    """Catalyst structured pruning (or a baseline) of ``model``; see the module docstring for the loop.
+
+    Args:
+        model: the network to prune (changed in place by :meth:`prune`, and by the bypass formulation).
+        example_inputs: what ``model`` is called with for the one trace that finds the coupled groups: a
+            batch tensor, a tuple or dict of tensors, or one sample's shape such as ``(3, 32, 32)``.
+        method: ``"catalyst"`` or a baseline (``"group_lasso"``, ``"slimming"``, ``"lats"``,
+            ``"lats_group"``); see :mod:`.methods`.
+        mode: which slices form a channel's group: ``"group"`` (every coupled slice), ``"bn"`` (BN scale and
+            shift), ``"filter"`` (producer rows).
+        formulation: ``"regularizer"`` or ``"bypass"`` (the extended model; Catalyst only).
+        gamma: strength of the sparsity term (settable between steps, e.g. for a schedule).
+        c0: initial ratio ``c_i = |d_i| / n_i`` of every channel.
+        kappa: a channel is decided when ``|log10 c_i| > kappa``.
+        ignored_layers: modules (or names) whose output channels must stay.
+        bn_beta: BN mode regularises the BN shift with the scale (see :mod:`.targets`).
+        target_speedup: baselines: remove channels by rank until this FLOPs ratio.
+        norm_threshold: baselines without a target: remove groups with ``n_i <= norm_threshold``.
+        catalyst_lr: learning rate of the catalysts' group (default: the weights'); the bifurcation
+            threshold moves to ``sqrt(catalyst_lr / lr)``.
+        grad_scaler: an AMP ``torch.amp.GradScaler`` whose scale the gradients carry when
+            :meth:`regularize` runs.
+        backend: kernel backend of the fused calls (``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``).
+        targets: skip the trace and use these targets (e.g. from an earlier :func:`find_targets`).
+
+    Raises:
+        ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
+            formulation the model cannot carry.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        *,
+        method: str = "catalyst",
+        mode: str = "group",
+        formulation: str = "regularizer",
+        gamma: float = 0.03,
+        c0: float = 1.0,
+        kappa: float = 2.0,
+        ignored_layers: Sequence = (),
+        bn_beta: bool = True,
+        target_speedup: Optional[float] = None,
+        norm_threshold: float = 1e-2,
+        catalyst_lr: Optional[float] = None,
+        grad_scaler=None,
+        backend: str = "auto",
+        targets: Optional[Sequence[Target]] = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Pruner: model must be an nn.Module, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"Pruner: unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        self.model = model
+        self.example_inputs = example_batch(model, example_inputs)
+        self.method: PruningMethod = get_method(method)
+        self.formulation: Formulation = get_formulation(formulation)
+        if self.formulation.name == "bypass" and self.method.name != "catalyst":
+            raise ValueError(f"Pruner: formulation 'bypass' is Catalyst's extended model; method {method!r} runs the "
+                             "regularizer formulation only")
+        self.mode = mode
+        self.bn_beta = bool(bn_beta)
+        self.gamma = _check_number("gamma", gamma)
+        self.c0 = _check_number("c0", c0, positive=True)
+        self.kappa = _check_number("kappa", kappa, positive=True)
+        self.target_speedup = None if target_speedup is None else _check_number("target_speedup", target_speedup, positive=True)
+        if self.target_speedup is not None and self.target_speedup < 1:
+            raise ValueError(f"Pruner: target_speedup must be >= 1, got {self.target_speedup}")
+        self.norm_threshold = _check_number("norm_threshold", norm_threshold, positive=True)
+        self.catalyst_lr = None if catalyst_lr is None else _check_number("catalyst_lr", catalyst_lr, positive=True)
+        self.grad_scaler = grad_scaler
+        self.backend = backend
+        self.steps = 0
+        self.history: list[dict] = []  # one entry per prune(): the targets before it and the kept indices
+        self._optimizers: list = []
+
+        self.targets, self.excluded = self.plan(model, self.example_inputs, method=method, mode=mode, formulation=formulation,
+                                                ignored_layers=ignored_layers, bn_beta=self.bn_beta, targets=targets)
+        self._build_target_set()
+        catalysts = self.method.init_catalysts(self._ts, self.c0)
+        self.catalysts: list[torch.Tensor] = self.formulation.attach_(model, self.targets, mode, catalysts)
+        if self.formulation.is_attached(model):
+            self._build_target_set()  # a wrapped BN lives at "<bn>.sigma"
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def plan(model: nn.Module, example_inputs, *, method: str = "catalyst", mode: str = "group",
+             formulation: str = "regularizer", ignored_layers: Sequence = (), bn_beta: bool = True,
+             targets: Optional[Sequence[Target]] = None) -> tuple[list, list]:
+        """``(targets, excluded)``: the groups a pruner with these settings regularises (DepGraph's groups,
+        less ``ignored_layers``, what the method's mode and the formulation cannot carry), without attaching
+        anything. ``excluded`` says why each left-out group is out."""
+        method_obj, form = get_method(method), get_formulation(formulation)
+        if targets is None:
+            targets, excluded = find_targets(model, example_inputs, return_excluded=True, ignored_layers=ignored_layers)
+        else:
+            targets, excluded = list(targets), []
+        eff_mode, eff_beta = method_obj.effective_mode(mode, bn_beta)
+        ts = build_target_set(model, eff_mode, bn_beta=eff_beta, targets=targets)
+        supported, unsupported = form.supported(model, ts.targets, mode)
+        return list(supported), excluded + ts.excluded + unsupported
+
+    def _build_target_set(self) -> None:
+        eff_mode, eff_beta = self.method.effective_mode(self.mode, self.bn_beta)
+        self._inner = self.formulation.inner(self.model, self.targets)
+        self._ts: TargetSet = build_target_set(self.model, eff_mode, bn_beta=eff_beta, targets=self._inner)
+
+    @property
+    def target_set(self) -> TargetSet:
+        """The regularised tensors and their :class:`~catalyst_fused.GroupLayout` (rebuilt after each prune)."""
+        return self._ts
+
+    @property
+    def statistic(self) -> str:
+        return self.method.statistic
+
+    def _trained_catalysts(self) -> list:
+        if not self.method.trains_catalysts:
+            return []
+        return list(self.catalysts) + self.formulation.extra_parameters(self.model)
+
+    def param_groups(self, lr: float, **optimizer_kwargs) -> list[dict]:
+        """Parameter groups for a ``torch.optim`` optimizer: the model's parameters with the given settings,
+        and (for methods that train catalysts) the catalysts in their own group with no weight decay and
+        ``catalyst_lr`` (default ``lr``); every other setting (momentum, betas, ...) is the weights'."""
+        lr = _check_number("lr", lr, positive=True)
+        extra = self._trained_catalysts()
+        ids = {id(p) for p in extra}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in ids], "lr": lr, **optimizer_kwargs}]
+        if extra:
+            groups.append({"params": extra, "lr": lr if self.catalyst_lr is None else self.catalyst_lr,
+                           **optimizer_kwargs, "weight_decay": 0.0})
+        return groups
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Registers ``optimizer`` so that :meth:`prune` narrows its state and :meth:`after_step` reads its
+        learning rate; adds the catalysts' group (no weight decay) if the optimizer does not hold them.
+
+        Raises:
+            ValueError: if the optimizer holds only some catalysts, or holds them with weight decay.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        extra = self._trained_catalysts()
+        held = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        inside = [p for p in extra if id(p) in held]
+        if extra and not inside:
+            lr = optimizer.param_groups[0]["lr"] if self.catalyst_lr is None else self.catalyst_lr
+            optimizer.add_param_group({"params": extra, "lr": lr, "weight_decay": 0.0})
+        elif len(inside) != len(extra):
+            raise ValueError("attach_optimizer: the optimizer holds some of the pruner's catalysts but not all")
+        elif any(held[id(p)].get("weight_decay", 0.0) for p in extra):
+            raise ValueError("attach_optimizer: the catalysts are in a parameter group with weight decay, which pulls "
+                             "every c towards 'keep'; build the optimizer from pruner.param_groups(...)")
+        if all(o is not optimizer for o in self._optimizers):
+            self._optimizers.append(optimizer)
+        return optimizer
+
+    # ------------------------------------------------------------------------------------ the training step
+    def regularize(self, scale: Optional[float] = None):
+        """Adds the sparsity term's gradients (``gamma``, or ``scale`` if given, times ``dR/dW`` and
+        ``dR/dd``) into every ``.grad`` in one fused call, after ``backward()`` and before
+        ``optimizer.step()``. Returns the call's :class:`~catalyst_fused.PenaltyStats` (norms and ratios of
+        the weights before the step), or None for methods without a penalty (LATS)."""
+        s = self.gamma if scale is None else scale
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            s = s * scaler.get_scale()
+        return self.method.regularize(self._ts, self.catalysts, s)
+
+    def _lr(self) -> Optional[float]:
+        return self._optimizers[0].param_groups[0]["lr"] if self._optimizers else None
+
+    def after_step(self, lr: Optional[float] = None) -> None:
+        """What the method needs after ``optimizer.step()`` (LATS: the soft threshold ``gamma * lr``; the
+        learning rate comes from ``lr`` or the attached optimizer's first group)."""
+        self.method.after_step(self._ts, self.gamma, lr if lr is not None else self._lr())
+        self.steps += 1
+
+    # ------------------------------------------------------------------------------------- decisions
+    def scores(self, weights: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """The method's statistic per channel, one fp64 CPU tensor per target (larger = prune)."""
+        return self.method.scores(self._ts, self.catalysts, weights)
+
+    def _speedup_of(self):
+        dense = count_flops(self.model, self.example_inputs)["macs"]
+
+        def speedup_of(masks):
+            keep = {t.name: ~m for t, m in zip(self._inner, masks) if bool(m.any())}
+            return dense / max(count_flops(prune_model(self.model, self._inner, keep), self.example_inputs)["macs"], 1)
+
+        return speedup_of
+
+    def rule(self):
+        ctx = RuleContext(kappa=self.kappa, target_speedup=self.target_speedup, norm_threshold=self.norm_threshold,
+                          speedup_of=self._speedup_of() if self.target_speedup is not None and
+                          self.method.reaches_target_by_ranking else None)
+        return self.method.rule(ctx)
+
+    def decisions(self, scores: Optional[Sequence[torch.Tensor]] = None) -> list[Decision]:
+        """The method's decision for every target (for the current weights unless ``scores`` are given)."""
+        scores = self.scores() if scores is None else scores
+        return [Decision(t.name, s, prune, undecided, forced)
+                for t, s, (prune, undecided, forced) in zip(self.targets, scores, self.rule().decide(scores))]
+
+    def undecided(self, scores: Optional[Sequence[torch.Tensor]] = None) -> int:
+        scores = self.scores() if scores is None else scores
+        return int(sum(int(m.sum()) for m in self.method.undecided(scores, self.kappa)))
+
+    def all_decided(self) -> bool:
+        """The method's stop rule: True when every channel is decided (Catalyst: ``|log10 c| > kappa``). Costs
+        one fused read of the regularised weights. Always False for methods without a stop rule (their
+        budget ends them)."""
+        return self.method.has_stop_rule and self.undecided() == 0
+
+    def stats(self) -> PruningStats:
+        """The decision statistic per target, decided fractions and the margin (for logs and reports)."""
+        scores = self.scores()
+        undecided = self.method.undecided(scores, self.kappa)
+        decisions = self.decisions(scores)
+        per, total, decided, above = [], 0, 0, 0
+        for t, s, u in zip(self.targets, scores, undecided):
+            n_dec = int(s.numel() - int(u.sum()))
+            n_above = int((s > 0).sum())
+            per.append(TargetStats(t.name, int(s.numel()), n_dec, int(u.sum()), n_above, float(s.min()), float(s.max()), s))
+            total += s.numel()
+            decided += n_dec
+            above += n_above
+        with torch.no_grad():
+            if self.method.uses_catalysts:
+                from .. import functional as F_cf
+
+                penalty = float(F_cf.penalty(self._ts.weights, self.catalysts, layout=self._ts.layout, return_stats=True,
+                                             backend=self.backend).penalty)
+            else:
+                penalty = float(self.method.norms(self._ts).sum())  # the Group Lasso value sum_i n_i
+        return PruningStats(self.method.statistic, penalty, per, int(total), decided, int(total - decided),
+                            decided / max(total, 1), above / max(total, 1), margin(decisions))
+
+    # ----------------------------------------------------------------------------------------- removal
+    def _keep_from(self, keep: Mapping[str, object]) -> dict:
+        names = {t.name: t for t in self.targets}
+        unknown = sorted(set(keep) - set(names))
+        if unknown:
+            raise ValueError(f"prune: keep names {unknown}, which are not targets; targets are: {sorted(names)}")
+        return {name: keep_indices(k, names[name].channels, f"keep[{name!r}] (target {name})") for name, k in keep.items()}
+
+    def prune(self, keep: Optional[Mapping[str, object]] = None, *, optimizer: Optional[torch.optim.Optimizer] = None) -> PruneSummary:
+        """Removes channels physically, in place: by the method's decisions, or the given ``keep`` (per target
+        name, a bool mask over its channels or integer indices; targets not named keep everything).
+
+        The model's modules keep their identity; the pruned layers get new, narrower parameters (with their
+        gradients); the catalysts are narrowed; ``optimizer`` and every attached optimizer get the new
+        parameters and their state narrowed; the targets are renumbered for the narrower model. Warns when
+        no optimizer is known (one built earlier would keep updating the old parameters).
+
+        Raises:
+            ValueError: for an invalid ``keep`` (named), before anything changes.
+        """
+        decisions = None
+        if keep is None:
+            decisions = self.decisions()
+            keep_idx = {d.target: d.keep for d in decisions if bool(d.prune.any())}
+        else:
+            keep_idx = {k: v for k, v in self._keep_from(keep).items() if v.numel() < next(
+                t.channels for t in self.targets if t.name == k)}
+        macs_before = count_flops(self.model, self.example_inputs)["macs"]
+        params_before = count_params(self.model)
+        before = dict(self.model.named_modules())
+        targets_before = [asdict(t) for t in self.targets]
+        record = ParameterSlices()
+        new_inner = remap_targets(before, self._inner, keep_idx)
+        prune_model(self.model, self._inner, keep_idx, inplace=True, record=record)
+        if self.formulation.is_attached(self.model):  # the catalysts are the bypass modules' d
+            self.formulation.narrow_(self.model, self.targets, keep_idx, record)
+            self.catalysts = self.formulation.catalysts(self.model, self.targets)
+        else:
+            self.catalysts = [narrow_tensor(d, 0, keep_idx[t.name], record) if t.name in keep_idx else d
+                              for t, d in zip(self.targets, self.catalysts)]
+        optimizers = list(self._optimizers)
+        if optimizer is not None and all(o is not optimizer for o in optimizers):
+            optimizers.append(optimizer)
+        for opt in optimizers:
+            slice_optimizer_state_(opt, record)
+        if not optimizers and record.slices:
+            warnings.warn("Pruner.prune: no optimizer is attached; the pruned layers have new parameters, so an "
+                          "optimizer built before prune() keeps updating the old ones. Pass it (prune(optimizer=...)), "
+                          "attach it (attach_optimizer) or build a new one.", stacklevel=2)
+        self.targets = self.formulation.outer(new_inner)
+        self._build_target_set()
+        self.history.append({"targets": targets_before, "keep": {k: v.tolist() for k, v in keep_idx.items()}})
+        per_target = {}
+        for k, t in enumerate(targets_before):
+            d = None if decisions is None else decisions[k]
+            kept = len(keep_idx[t["name"]]) if t["name"] in keep_idx else t["channels"]
+            per_target[t["name"]] = {"channels": t["channels"], "kept": kept, "pruned": t["channels"] - kept,
+                                     "undecided": 0 if d is None else int(d.undecided.sum()),
+                                     "forced_keep": False if d is None else d.forced_keep}
+        return PruneSummary(
+            channels_total=sum(t["channels"] for t in targets_before),
+            channels_pruned=sum(v["pruned"] for v in per_target.values()),
+            undecided_total=sum(v["undecided"] for v in per_target.values()),
+            per_target=per_target,
+            keep={t["name"]: (keep_idx[t["name"]].tolist() if t["name"] in keep_idx else list(range(t["channels"])))
+                  for t in targets_before},
+            decisions=decisions,
+            macs_before=macs_before, macs_after=count_flops(self.model, self.example_inputs)["macs"],
+            params_before=params_before, params_after=count_params(self.model),
+        )
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild this pruner on a fresh copy of the original model: settings,
+        targets, catalysts, the removals made so far, whether the model carries the bypass, the method's
+        state. Tensors and plain Python values only."""
+        return {
+            "format": _STATE_FORMAT,
+            "method": self.method.name, "mode": self.mode, "formulation": self.formulation.name,
+            "bn_beta": self.bn_beta, "gamma": self.gamma, "c0": self.c0, "kappa": self.kappa,
+            "targets": [asdict(t) for t in self.targets],
+            "catalysts": [d.detach().cpu().clone() for d in self.catalysts],
+            "history": [dict(h) for h in self.history],
+            "attached": self.formulation.is_attached(self.model),
+            "steps": self.steps,
+            "method_state": self.method.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores a :meth:`state_dict`. Call it on a pruner built the same way (same method, mode and
+        formulation) on the *original* model, **before** ``model.load_state_dict``: earlier removals are
+        re-applied here so that the model has the saved shapes.
+
+        Raises:
+            ValueError: for a state of another format, method, mode or formulation, or targets that do not
+                match this model.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"Pruner.load_state_dict: not a pruner state (expected format {_STATE_FORMAT!r})")
+        for key, mine in (("method", self.method.name), ("mode", self.mode), ("formulation", self.formulation.name)):
+            if state[key] != mine:
+                raise ValueError(f"Pruner.load_state_dict: the state was saved with {key}={state[key]!r} but this pruner "
+                                 f"has {key}={mine!r}")
+        for record in state["history"][len(self.history):]:
+            current = [asdict(t) for t in self.targets]
+            if current != record["targets"]:
+                raise ValueError("Pruner.load_state_dict: the model's targets differ from the ones the saved removal "
+                                 "was made on; build the pruner on the original model")
+            with warnings.catch_warnings():  # a replay on a fresh model: no optimizer exists yet
+                warnings.simplefilter("ignore", UserWarning)
+                self.prune({k: torch.as_tensor(v, dtype=torch.long) for k, v in record["keep"].items()})
+        if [asdict(t) for t in self.targets] != state["targets"]:
+            raise ValueError("Pruner.load_state_dict: the saved targets do not match this model's")
+        if state["attached"] and not self.formulation.is_attached(self.model):
+            raise ValueError("Pruner.load_state_dict: the state has the bypass attached but this model has none")
+        if not state["attached"] and self.formulation.is_attached(self.model):
+            self.formulation.fold_(self.model)  # folded in the saved run; values come from the model's state
+            self._build_target_set()
+        if len(state["catalysts"]) != len(self.catalysts):
+            raise ValueError(f"Pruner.load_state_dict: {len(state['catalysts'])} catalyst vectors for "
+                             f"{len(self.catalysts)} targets")
+        with torch.no_grad():
+            for d, saved in zip(self.catalysts, state["catalysts"]):
+                if d.shape != saved.shape:
+                    raise ValueError(f"Pruner.load_state_dict: a catalyst of shape {tuple(saved.shape)} for one of "
+                                     f"shape {tuple(d.shape)}")
+                d.copy_(saved)
+        self.gamma, self.c0, self.kappa = float(state["gamma"]), float(state["c0"]), float(state["kappa"])
+        self.steps = int(state["steps"])
+        self.method.load_state_dict(state.get("method_state", {}))
+
+    # ---------------------------------------------------------------------------------- bypass (opt2)
+    def bypass_penalty_(self, mu: float) -> float:
+        """Bypass formulation, opt2: adds the gradient of ``mu * sum (d - dbar)^2`` (after ``backward()``)."""
+        self._require_bypass("bypass_penalty_")
+        return self.formulation.coefficient_penalty_(self.model, mu)
+
+    def max_abs_coefficient(self) -> float:
+        """Bypass formulation: ``max |d - dbar|`` over the kept channels (0.0 when folded)."""
+        self._require_bypass("max_abs_coefficient")
+        return self.formulation.max_abs_coefficient(self.model)
+
+    def fold(self) -> float:
+        """Bypass formulation, end of opt2: snaps ``d = dbar`` and removes the bypass modules in place, so the
+        model has its original architecture (only narrower). Returns the residual ``max |d - dbar|``."""
+        self._require_bypass("fold")
+        residual = self.formulation.fold_(self.model)
+        self._build_target_set()
+        return residual
+
+    def _require_bypass(self, what: str) -> None:
+        if self.formulation.name != "bypass":
+            raise ValueError(f"Pruner.{what}: only for formulation='bypass'")
+
+    def __repr__(self) -> str:
+        return (f"Pruner(method={self.method.name}, mode={self.mode}, formulation={self.formulation.name}, "
+                f"targets={len(self.targets)}, channels={sum(t.channels for t in self.targets)}, gamma={self.gamma}, "
+                f"c0={self.c0}, kappa={self.kappa})")
+
+
+CatalystPruner = Pruner
+
+
+def margin(decisions: Sequence[Decision], decided_only: bool = False) -> Optional[float]:
+    """Smallest statistic among channels to prune minus the largest among kept ones (undecided channels
+    count as kept; with ``decided_only`` they are left out), in decades; None if either side is empty."""
+    pruned = torch.cat([d.statistic[d.prune] for d in decisions]) if decisions else torch.zeros(0)
+    kept_mask = [(~d.prune) & ~d.undecided if decided_only else ~d.prune for d in decisions]
+    kept = torch.cat([d.statistic[m] for d, m in zip(decisions, kept_mask)]) if decisions else torch.zeros(0)
+    if pruned.numel() == 0 or kept.numel() == 0:
+        return None
+    return float(pruned.min() - kept.max())
