@@ -13,7 +13,8 @@
   ``image_size`` and converted to ``channels`` channels.
 
 No data augmentation is applied (determinism and CPU cost); nothing is downloaded. A ``root`` that does
-not exist raises ``FileNotFoundError`` naming the path.
+not exist raises ``FileNotFoundError`` naming the path; an image that cannot be read raises ``ValueError``
+naming the file when it is loaded.
 """
 from __future__ import annotations
 
@@ -89,6 +90,18 @@ def _cifar(name: str, root: str, image_size: int, channels: int):
     return train, test, len(train.classes)
 
 
+def _read_image(path: str):
+    """torchvision's default image loader, with a clear error naming the file it cannot read."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
+        raise ValueError(f"dataset 'imagefolder': cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def _imagefolder(root: str, image_size: int, channels: int):
     import torchvision
     from torchvision import transforms
@@ -105,12 +118,12 @@ def _imagefolder(root: str, image_size: int, channels: int):
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     try:
         if os.path.isdir(train_dir) and test_dir is not None:
-            train = torchvision.datasets.ImageFolder(train_dir, transform=tf)
-            test = torchvision.datasets.ImageFolder(test_dir, transform=tf)
+            train = torchvision.datasets.ImageFolder(train_dir, transform=tf, loader=_read_image)
+            test = torchvision.datasets.ImageFolder(test_dir, transform=tf, loader=_read_image)
             if train.classes != test.classes:
                 raise ValueError(f"imagefolder: {train_dir} and {test_dir} have different class folders")
             return train, test, len(train.classes)
-        full = torchvision.datasets.ImageFolder(root, transform=tf)
+        full = torchvision.datasets.ImageFolder(root, transform=tf, loader=_read_image)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"dataset 'imagefolder': no class folders with images under data root {root!r}: {exc}") from exc
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()

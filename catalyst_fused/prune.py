@@ -14,11 +14,7 @@ import sys
 from dataclasses import fields
 from typing import Optional, Sequence
 
-from .data import DATASETS
-from .models import MODEL_NAMES
-from .pruning.methods import METHODS
-from .pruning.targets import MODES
-from .pruning.workflow import FORMULATIONS, PruneConfig, run_pipeline
+from . import require_pruning_extra
 
 
 def _positive_float(text: str) -> float:
@@ -41,7 +37,47 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .models import MODEL_NAMES
+    from .pruning.formulations import FORMULATIONS
+    from .pruning.methods import METHODS
+    from .pruning.targets import MODES
+    from .pruning.workflow import PruneConfig
+
     d = PruneConfig()
     p = argparse.ArgumentParser(prog="python -m catalyst_fused.prune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
@@ -65,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt2-lr", type=_positive_float, default=None, help="bypass: constant opt2 learning rate (default: --finetune-lr)")
     p.add_argument("--opt2-tol", type=_positive_float, default=d.opt2_tol,
                    help="bypass: largest max|d - dbar| accepted at the snap (a larger one is reported, not raised)")
-    p.add_argument("--gamma", type=float, default=d.gamma,
+    p.add_argument("--gamma", type=_nonneg_float, default=d.gamma,
                    help="penalty weight gamma (the L1 / Group Lasso weight lam of the baselines)")
     p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")
     group = p.add_mutually_exclusive_group()
@@ -82,27 +118,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baselines without --target-speedup: remove groups with norm <= this")
     p.add_argument("--dense-checkpoint", default=None,
                    help="start from these dense weights (e.g. dense_model.pt of an earlier run) instead of training")
-    p.add_argument("--noise-level", type=float, default=d.noise_level, help="relative weight noise for the decision-flip figure")
-    p.add_argument("--noise-draws", type=int, default=d.noise_draws)
+    p.add_argument("--noise-level", type=_nonneg_float, default=d.noise_level,
+                   help="relative weight noise for the decision-flip figure")
+    p.add_argument("--noise-draws", type=_int_at_least(1), default=d.noise_draws)
     p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
     p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--momentum", type=_momentum, default=d.momentum)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size)
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=_int_at_least(1), default=None,
+                   help="input resolution (default: 8 for small_cnn on digits, else 32)")
+    p.add_argument("--latency-batch", type=_int_at_least(1), default=d.latency_batch)
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples (smoke runs)")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples (smoke runs)")
+    p.add_argument("--train-limit", type=_int_at_least(1), default=None,
+                   help="use only the first N training samples (smoke runs)")
+    p.add_argument("--test-limit", type=_int_at_least(1), default=None, help="use only the first N test samples (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> PruneConfig:
+def config_from_args(args: argparse.Namespace):
+    from .pruning.workflow import PruneConfig
+
     values = {f.name: getattr(args, f.name) for f in fields(PruneConfig) if hasattr(args, f.name)}
     values["bn_beta"] = not args.bn_gamma_only
     values["progress"] = not args.no_progress
@@ -111,14 +153,24 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        require_pruning_extra("python -m catalyst_fused.prune")
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .pruning.workflow import OutputBusyError, run_pipeline
+
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     try:
         result = run_pipeline(cfg, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OutputBusyError) as exc:
         parser.error(str(exc))
-    return 0 if result.get("status") in ("done", "interrupted") else 1
+    if result.status == "diverged":
+        print(f"error: {result.error} (report: {cfg.out}/report.json)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

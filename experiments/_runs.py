@@ -10,14 +10,16 @@ data, dense weights, epoch budgets and fine-tuning; only ``method`` (and its str
   removing channels in the order of its own statistic until that ratio is reached: the speed-ups are
   matched by construction (up to one channel's worth of FLOPs).
 
-A run whose ``report.json`` already exists is read back instead of re-run (an interrupted one is resumed),
-so the three scripts together cost the runs once, and settings that share runs (``quick`` is part of
-``full``) share them. Results (tables, plots, JSON) go to ``experiments/results/`` by default.
+A run lives in a folder named by a hash of its whole configuration (:func:`config_key`), checked again on
+reuse; a run whose ``report.json`` already exists is read back instead of re-run (an interrupted one is
+resumed), so the three scripts together cost the runs once, settings that share runs (``quick`` is part of
+``full``) share them, and a changed option (a baseline's gamma, a budget) makes a new run. Results (tables, plots, JSON) go to ``experiments/results/`` by default.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import platform
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # `python experiments/x.py` from a checkout uses this checkout's package
     sys.path.insert(0, str(HERE.parent))
 
-from catalyst_fused.pruning import PruneConfig, run_pipeline  # noqa: E402
+from catalyst_fused.pruning import PruneConfig, Report, run_pipeline  # noqa: E402
 from catalyst_fused.pruning.methods import METHODS  # noqa: E402
 
 # Strength of each method's sparsity term. Catalyst's is the pipeline default. Each baseline's was picked
@@ -95,31 +97,57 @@ def _methods(args) -> list[str]:
     return names
 
 
-def _run(cfg: PruneConfig, log) -> dict:
-    path = Path(cfg.out) / "report.json"
+def _run(cfg: PruneConfig, log) -> Report:
+    """The run of ``cfg``: read back if it finished before with the same configuration, else made (an
+    interrupted one is resumed). A cached run made with another configuration is refused, not reused."""
+    out = Path(cfg.out)
+    key = config_key(cfg)
+    key_file = out / "config_key.json"
+    if key_file.exists():  # the folder's name is the key; the file inside must agree (no stale reuse)
+        saved = json.loads(key_file.read_text())
+        if saved.get("key") != key or saved.get("config") != json.loads(json.dumps(_identity(cfg), default=str)):
+            raise SystemExit(f"{out}: this cached run was made with another configuration ({saved.get('config')}); "
+                             f"delete it or use another --runs-dir")
+    path = out / "report.json"
     if path.exists():
-        report = json.loads(path.read_text())
-        if report.get("status") == "done":
+        report = Report.load(path)
+        if report.status == "done":
             return report
+    out.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps({"key": key, "config": _identity(cfg)}, indent=1, default=str))
     log(f"run: {cfg.method} seed {cfg.seed} -> {cfg.out}")
-    report = run_pipeline(cfg, resume=(Path(cfg.out) / "checkpoint.pt").exists(), log=lambda _msg: None)
-    if report.get("status") != "done":
+    report = run_pipeline(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda _msg: None)
+    if report.status != "done":
         raise RuntimeError(f"run {cfg.out} did not finish: {report}")
     return report
 
 
-def _record(report: dict, seed: int, c0: float) -> dict:
-    prune = report["stages"]["prune"]
-    acc = report["accuracy"]
+def _identity(cfg: PruneConfig) -> dict:
+    """What makes a run: its whole configuration except where it is written and how it is shown."""
+    d = cfg.to_dict()
+    for k in ("out", "progress", "plots"):
+        d.pop(k)
+    if d.get("dense_checkpoint"):  # the dense weights are identified by the run that made them, not the path
+        d["dense_checkpoint"] = Path(d["dense_checkpoint"]).parent.name
+    return d
+
+
+def config_key(cfg: PruneConfig) -> str:
+    """A hash of the whole configuration of a run (:func:`_identity`)."""
+    return hashlib.sha256(json.dumps(_identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _record(report: Report, seed: int, c0: float) -> dict:
+    prune, acc, cost = report.stages.prune, report.accuracy, report.cost
     return {
-        "method": report["method"], "seed": seed, "catalyst_c0": c0,
-        "target_speedup": report["config"]["target_speedup"], "flops_ratio": report["cost"]["flops_ratio"],
-        "params_ratio": report["cost"]["params_ratio"], "channels_pruned": prune["channels_pruned"],
-        "channels_total": prune["channels_total"], "undecided": prune["undecided_total"],
-        "acc_dense": acc["dense"], "acc_regularized": acc["regularized"], "acc_after_removal": acc["after_removal"],
-        "acc_finetuned": acc["after_finetune"], "margin": prune["margin_log10c"], "statistic": prune["statistic"],
-        "flips": prune["robustness"], "bias": prune["magnitude_bias"], "channels": prune["channels"],
-        "gamma": report["config"]["gamma"], "runtime_s": report["runtime_s"]["total"],
+        "method": report.method, "seed": seed, "catalyst_c0": c0,
+        "target_speedup": report.config.target_speedup, "flops_ratio": cost.flops_ratio,
+        "params_ratio": cost.params_ratio, "channels_pruned": prune.channels_pruned,
+        "channels_total": prune.channels_total, "undecided": prune.undecided_total,
+        "acc_dense": acc.dense, "acc_regularized": acc.regularized, "acc_after_removal": acc.after_removal,
+        "acc_finetuned": acc.after_finetune, "margin": prune.margin_log10c, "statistic": prune.statistic,
+        "flips": prune.robustness, "bias": prune.magnitude_bias, "channels": prune.channels,
+        "gamma": report.config.gamma, "runtime_s": report.runtime_s["total"],
     }
 
 
@@ -135,27 +163,28 @@ def collect(args, log=print) -> tuple[Setting, list[dict]]:
                        dense_epochs=setting.dense_epochs, epochs=setting.epochs, finetune_epochs=setting.finetune_epochs,
                        train_limit=setting.train_limit, test_limit=setting.test_limit, batch_size=setting.batch_size,
                        device=args.device, progress=False, plots=False, **setting.extra)
-    # Keyed by what makes a run (not the setting's name), so settings that share runs share the cache.
-    key = (f"{setting.model}-{setting.dataset}-e{setting.dense_epochs}.{setting.epochs}.{setting.finetune_epochs}"
-           f"-b{setting.batch_size}")
-    key += "".join(f"-{k}{v}" for k, v in (("n", setting.train_limit), ("t", setting.test_limit)) if v is not None)
-    key += "".join(f"-{k}{v}" for k, v in sorted(setting.extra.items()))
-    root = Path(args.runs_dir) / key
+    # Every run's folder is named by the hash of its whole configuration (config_key), so a changed gamma,
+    # budget or option makes a new run instead of reusing a stale one; settings that share runs share them.
+    root = Path(args.runs_dir) / f"{setting.model}-{setting.dataset}"
+
+    def located(cfg: PruneConfig, name: str) -> PruneConfig:
+        return replace(cfg, out=str(root / f"seed{cfg.seed}" / f"{name}-{config_key(cfg)}"))
+
     records = []
     for seed in setting.seeds:
         dense = None
         for c0 in setting.c0s:
-            cfg = replace(base, method="catalyst", seed=seed, c0=c0, gamma=GAMMA["catalyst"], dense_checkpoint=dense,
-                          out=str(root / f"seed{seed}" / f"catalyst_c0{c0}"))
+            cfg = located(replace(base, method="catalyst", seed=seed, c0=c0, gamma=GAMMA["catalyst"], dense_checkpoint=dense),
+                          f"catalyst_c0{c0}")
             report = _run(cfg, log)
             dense = dense or str(Path(cfg.out) / "dense_model.pt")
             records.append(_record(report, seed, c0))
-            target = report["cost"]["flops_ratio"]
+            target = report.cost.flops_ratio
             for method in methods:
                 if method == "catalyst":
                     continue
-                cfg_b = replace(base, method=method, seed=seed, gamma=GAMMA[method], dense_checkpoint=dense,
-                                target_speedup=target, out=str(root / f"seed{seed}" / f"{method}_at_c0{c0}"))
+                cfg_b = located(replace(base, method=method, seed=seed, gamma=GAMMA[method], dense_checkpoint=dense,
+                                        target_speedup=target), f"{method}_at_c0{c0}")
                 records.append(_record(_run(cfg_b, log), seed, c0))
     return setting, records
 

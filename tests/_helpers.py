@@ -81,14 +81,16 @@ def cuda_toolkit_root():
     return root if os.path.exists(os.path.join(root, "bin", "nvcc")) else None
 
 
-def assert_resumed_run_equals_straight_run(straight_dir, resumed_dir, straight: dict, resumed: dict) -> None:
+def assert_resumed_run_equals_straight_run(straight_dir, resumed_dir, straight, resumed) -> None:
     """An interrupted-and-resumed pipeline run ended exactly where the uninterrupted one did: the same pruned
-    weights bit for bit, the same accuracies, widths and training losses."""
+    weights bit for bit, the same accuracies, widths and training losses (``straight``, ``resumed``: the
+    runs' :class:`~catalyst_fused.pruning.Report`)."""
     a = torch.load(straight_dir / "pruned_model.pt", weights_only=False)["model"].state_dict()
     b = torch.load(resumed_dir / "pruned_model.pt", weights_only=False)["model"].state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert straight["accuracy"] == resumed["accuracy"]
-    assert straight["per_layer_kept"] == resumed["per_layer_kept"]
-    assert [h["train_loss"] for h in straight["history"]] == [h["train_loss"] for h in resumed["history"]]
+    assert straight.status == resumed.status == "done"
+    assert straight.accuracy == resumed.accuracy
+    assert straight.per_layer_kept == resumed.per_layer_kept
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]

@@ -11,3 +11,28 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A pipeline run that prunes quickly (strong penalty, c0 well above 1, kappa 1) on a subset of digits: it
+# removes most channels of a barely trained network. It checks mechanics, not quality (the README's runs do).
+TINY_RUN = dict(
+    model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
+    train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8, noise_draws=2,
+)
+
+
+@pytest.fixture
+def quiet():
+    """A log function that prints nothing."""
+    return lambda _msg: None
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """``tiny_config(name="run", **overrides)``: a :data:`TINY_RUN` PruneConfig writing to ``tmp_path / name``."""
+    from catalyst_fused.pruning import PruneConfig
+
+    def make(name: str = "run", **overrides):
+        return PruneConfig(out=str(tmp_path / name), **{**TINY_RUN, **overrides})
+
+    return make

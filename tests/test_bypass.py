@@ -26,16 +26,8 @@ from catalyst_fused.pruning import (
     run_pipeline,
 )
 
-# A tiny bypass run that prunes some channels and keeps others (mechanics, not quality).
-TINY = dict(
-    model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
-    train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8,
-    formulation="bypass", opt2_epochs=2,
-)
-
-
-def _quiet(_msg):
-    pass
+# A tiny bypass run (the shared tiny run) that prunes some channels and keeps others (mechanics, not quality).
+BYPASS = dict(formulation="bypass", opt2_epochs=2)
 
 
 def _warm_bn(model):
@@ -248,8 +240,8 @@ def test_sites_that_cannot_carry_a_bypass_are_rejected():
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-def test_bypass_pipeline_prunes_verifies_folds_and_reports(tmp_path):
-    report = run_pipeline(PruneConfig(out=str(tmp_path / "run"), **TINY), log=_quiet)
+def test_bypass_pipeline_prunes_verifies_folds_and_reports(tmp_path, tiny_config, quiet):
+    report = run_pipeline(tiny_config("run", **BYPASS), log=quiet)
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["formulation"] == "bypass" and on_disk["config"]["formulation"] == "bypass"
     prune = on_disk["stages"]["prune"]
@@ -267,23 +259,23 @@ def test_bypass_pipeline_prunes_verifies_folds_and_reports(tmp_path):
     model = torch.load(tmp_path / "run" / "pruned_model.pt", weights_only=False)["model"]
     assert not bypass.is_wrapped(model)
     targets = _targets(build_model("small_cnn"))
-    widths = {t.name: list(range(report["per_layer_kept"][t.name])) for t in targets}
+    widths = {t.name: list(range(report.per_layer_kept[t.name])) for t in targets}
     reference = prune_model(build_model("small_cnn"), targets, widths)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert model.eval()(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_bypass_resume_reproduces_an_uninterrupted_run(tmp_path):
-    kw = dict(TINY, dense_epochs=1, epochs=2, finetune_epochs=1, opt2_epochs=2, train_limit=192, test_limit=64)
-    straight = run_pipeline(PruneConfig(out=str(tmp_path / "a"), **kw), log=_quiet)
+def test_bypass_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_config, quiet):
+    kw = dict(BYPASS, dense_epochs=1, epochs=2, finetune_epochs=1, opt2_epochs=2, train_limit=192, test_limit=64)
+    straight = run_pipeline(tiny_config("a", **kw), log=quiet)
     # interrupted in opt1 (dense 1 + opt1 1), then in opt2 (opt1 2 + opt2 1), then to the end
-    first = run_pipeline(PruneConfig(out=str(tmp_path / "b"), **kw), stop_after_epochs=2, log=_quiet)
-    assert first["status"] == "interrupted" and first["stage"] == "opt1"
-    second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=_quiet)
-    assert second["status"] == "interrupted" and second["stage"] == "opt2"
-    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=_quiet)
+    first = run_pipeline(tiny_config("b", **kw), stop_after_epochs=2, log=quiet)
+    assert first.status == "interrupted" and first.stage == "opt1"
+    second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=quiet)
+    assert second.status == "interrupted" and second.stage == "opt2"
+    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=quiet)
     assert_resumed_run_equals_straight_run(tmp_path / "a", tmp_path / "b", straight, resumed)
-    assert straight["opt2"] == resumed["opt2"]
+    assert straight.opt2 == resumed.opt2
 
 
 def test_calibration_trials_run_the_bypass_opt1():
@@ -298,20 +290,20 @@ def test_calibration_trials_run_the_bypass_opt1():
 
 
 # ----------------------------------------------------------------------------------------- bad configs
-def test_bad_bypass_configurations_give_clear_errors(tmp_path):
+def test_bad_bypass_configurations_give_clear_errors(tmp_path, quiet):
     out = str(tmp_path / "x")
     with pytest.raises(ValueError, match="--formulation: unknown formulation 'extended'"):
-        run_pipeline(PruneConfig(out=out, formulation="extended"), log=_quiet)
+        run_pipeline(PruneConfig(out=out, formulation="extended"), log=quiet)
     with pytest.raises(ValueError, match="--opt2-epochs must be >= 0"):
-        run_pipeline(PruneConfig(out=out, formulation="bypass", opt2_epochs=-1), log=_quiet)
+        run_pipeline(PruneConfig(out=out, formulation="bypass", opt2_epochs=-1), log=quiet)
     with pytest.raises(ValueError, match="--opt2-ramp must be >= 0"):
-        run_pipeline(PruneConfig(out=out, opt2_ramp=-2), log=_quiet)
+        run_pipeline(PruneConfig(out=out, opt2_ramp=-2), log=quiet)
     for name, value in (("mu", 0.0), ("mu", float("inf")), ("lr", -1.0), ("tol", 0.0)):
         with pytest.raises(ValueError, match=f"--opt2-{name} must be a positive finite number"):
-            run_pipeline(PruneConfig(out=out, formulation="bypass", **{f"opt2_{name}": value}), log=_quiet)
+            run_pipeline(PruneConfig(out=out, formulation="bypass", **{f"opt2_{name}": value}), log=quiet)
     # 4 * lr * mu = 4 * 0.1 * 10 = 4 > 2 * (1 + 0.9) = 3.8: the opt2 step would diverge
     with pytest.raises(ValueError, match=r"--opt2-mu 10.0 is too large .* mu < 9.5"):
-        run_pipeline(PruneConfig(out=out, formulation="bypass", opt2_lr=0.1), log=_quiet)
+        run_pipeline(PruneConfig(out=out, formulation="bypass", opt2_lr=0.1), log=quiet)
 
 
 def test_cli_bypass_flags(tmp_path, capsys):

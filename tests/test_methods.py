@@ -82,7 +82,7 @@ def test_group_lasso_adds_the_subgradient_and_drops_the_catalyst_gradient():
     method = get_method("group_lasso")
     catalysts = method.init_catalysts(ts, c0=1.0)
     assert [d.tolist() for d in catalysts] == [[1.0] * 4]
-    method.after_backward(ts, catalysts, gamma=0.3)
+    method.regularize(ts, catalysts, 0.3)
     n = _hand_norms(a.detach(), b.detach())
     torch.testing.assert_close(a.grad, 0.3 * a.detach() / n[:, None])
     torch.testing.assert_close(b.grad, 0.3 * b.detach() / n[None, :])
@@ -162,44 +162,44 @@ def test_decision_flips_counts_changed_decisions():
     assert 0 < flips["max_flip_fraction"] <= 1
 
 
-TINY = dict(model="small_cnn", dataset="digits", dense_epochs=2, epochs=2, finetune_epochs=1, train_limit=256,
-            test_limit=128, progress=False, plots=False, latency_batch=8, noise_draws=2)
+# budgets of a baseline run (the shared tiny run, shorter)
+SHORT = dict(dense_epochs=2, epochs=2, train_limit=256, gamma=0.03, c0=1.2, kappa=2.0)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "catalyst"])
-def test_every_baseline_runs_through_the_pipeline_to_a_target(tmp_path, method):
-    cfg = PruneConfig(method=method, target_speedup=1.5, gamma=0.01, out=str(tmp_path / method), **TINY)
-    report = run_pipeline(cfg, log=lambda _m: None)
-    assert report["status"] == "done" and report["method"] == method
-    assert report["cost"]["flops_ratio"] >= 1.5
-    prune = report["stages"]["prune"]
-    assert prune["method"] == method and "global ranking" in prune["rule"]
-    assert prune["verification"]["surgery_ok"]
-    assert 0 <= prune["robustness"]["mean_flip_fraction"] <= 1
-    ch = prune["channels"]
-    assert len(ch["initial_norm"]) == len(ch["statistic"]) == len(ch["pruned"]) == prune["channels_total"]
-    assert sum(ch["pruned"]) == prune["channels_pruned"] > 0
-    assert report["stages"]["opt1"]["epochs_run"] == 2  # no stop rule: the whole budget
-    assert isinstance(prune["warnings"], list)
+def test_every_baseline_runs_through_the_pipeline_to_a_target(tiny_config, quiet, method):
+    cfg = tiny_config(method, **dict(SHORT, method=method, target_speedup=1.5, gamma=0.01))
+    report = run_pipeline(cfg, log=quiet)
+    assert report.status == "done" and report.method == method
+    assert report.cost.flops_ratio >= 1.5
+    prune = report.stages.prune
+    assert prune.method == method and "global ranking" in prune.rule and f"the {prune.channels_pruned} channels" in prune.rule
+    assert prune.verification["surgery_ok"]
+    assert 0 <= prune.robustness["mean_flip_fraction"] <= 1
+    ch = prune.channels
+    assert len(ch["initial_norm"]) == len(ch["statistic"]) == len(ch["pruned"]) == prune.channels_total
+    assert sum(ch["pruned"]) == prune.channels_pruned > 0
+    assert report.stages.opt1.epochs_run == 2  # no stop rule: the whole budget
+    assert isinstance(prune.warnings, list)
     if method == "slimming":
-        assert prune["statistic"] == "-log10 |bn.gamma|"
+        assert prune.statistic == "-log10 |bn.gamma|"
     if method.startswith("lats"):
-        assert report["stages"]["opt1"]["final_threshold"] > 0
+        assert report.stages.opt1.final_threshold > 0
 
 
-def test_dense_checkpoint_is_reused_and_checked(tmp_path):
-    first = run_pipeline(PruneConfig(out=str(tmp_path / "a"), **TINY), log=lambda _m: None)
+def test_dense_checkpoint_is_reused_and_checked(tmp_path, tiny_config, quiet):
+    first = run_pipeline(tiny_config("a", **SHORT), log=quiet)
     dense = tmp_path / "a" / "dense_model.pt"
     assert dense.exists()
-    second = run_pipeline(PruneConfig(out=str(tmp_path / "b"), dense_checkpoint=str(dense), **TINY), log=lambda _m: None)
-    assert second["stages"]["dense"]["epochs"] == 0
-    assert second["accuracy"]["dense"] == first["accuracy"]["dense"]
+    second = run_pipeline(tiny_config("b", dense_checkpoint=str(dense), **SHORT), log=quiet)
+    assert second.stages.dense.epochs == 0
+    assert second.accuracy.dense == first.accuracy.dense
     with pytest.raises(ValueError, match="--dense-checkpoint: no file"):
         PruneConfig(dense_checkpoint=str(tmp_path / "missing.pt")).validate()
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="does not fit model small_cnn"):
-        run_pipeline(PruneConfig(out=str(tmp_path / "c"), dense_checkpoint=str(wrong), **TINY), log=lambda _m: None)
+        run_pipeline(tiny_config("c", dense_checkpoint=str(wrong), **SHORT), log=quiet)
 
 
 @pytest.mark.slow
@@ -226,10 +226,9 @@ def test_experiment_scripts_produce_complete_results(tmp_path):
         assert 0 <= p["acc_finetuned"][0] <= 100 and math.isfinite(p["flops_ratio"][0])
 
 
-def test_a_collapsing_opt1_is_reported(tmp_path):
-    setting = dict(TINY, dense_epochs=8, train_limit=512, gamma=3.0, c0=1.5)  # a trained model, a huge penalty
-    cfg = PruneConfig(out=str(tmp_path / "run"), **setting)
-    report = run_pipeline(cfg, log=lambda _m: None)
-    acc = report["accuracy"]
-    assert acc["dense"] - acc["regularized"] > 10, acc  # the configuration does collapse the model
-    assert "too large for this model" in report["stages"]["prune"]["warnings"][0]
+def test_a_collapsing_opt1_is_reported(tiny_config, quiet):
+    cfg = tiny_config(**dict(SHORT, dense_epochs=8, train_limit=512, gamma=3.0, c0=1.5))  # a trained model, a huge penalty
+    report = run_pipeline(cfg, log=quiet)
+    acc = report.accuracy
+    assert acc.dense - acc.regularized > 10, acc  # the configuration does collapse the model
+    assert "too large for this model" in report.stages.prune.warnings[0]

@@ -29,18 +29,6 @@ from catalyst_fused.pruning import (
     run_pipeline,
 )
 
-# A run that prunes quickly (strong penalty, c0 well above 1, kappa 1): it removes most channels of a barely
-# trained network. It checks the mechanics, not the quality (the default CLI run does that).
-FAST = dict(
-    model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
-    train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8,
-)
-
-
-def _quiet(_msg):
-    pass
-
-
 # ------------------------------------------------------------------------------------------- targets
 SHAPES = {"small_cnn": (1, 8, 8), "resnet56": (3, 16, 16), "vgg19_bn": (3, 32, 32)}
 
@@ -181,10 +169,9 @@ REPORT_KEYS = {
 }
 
 
-def test_pipeline_prunes_verifies_and_reports(tmp_path):
-    cfg = PruneConfig(out=str(tmp_path / "run"), **FAST)
-    report = run_pipeline(cfg, log=_quiet)
-    assert REPORT_KEYS <= set(report)
+def test_pipeline_prunes_verifies_and_reports(tmp_path, tiny_config, quiet):
+    report = run_pipeline(tiny_config("run"), log=quiet)
+    assert REPORT_KEYS <= set(report.to_dict())
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert REPORT_KEYS <= set(on_disk)
     for stage in ("dense", "regularized", "after_removal", "after_finetune"):
@@ -212,15 +199,15 @@ def test_pipeline_prunes_verifies_and_reports(tmp_path):
     assert count_params(saved["model"]) == cost["pruned"]["params"]
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    kw = dict(FAST, dense_epochs=1, epochs=2, finetune_epochs=2, train_limit=192, test_limit=64, plots=True)
-    straight = run_pipeline(PruneConfig(out=str(tmp_path / "a"), **kw), log=_quiet)
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_config, quiet):
+    kw = dict(dense_epochs=1, epochs=2, finetune_epochs=2, train_limit=192, test_limit=64, plots=True)
+    straight = run_pipeline(tiny_config("a", **kw), log=quiet)
     # interrupted after 2 training epochs (dense 1 + opt1 1), resumed for 2 more (opt1 2 + fine-tune 1), then to the end
-    first = run_pipeline(PruneConfig(out=str(tmp_path / "b"), **kw), stop_after_epochs=2, log=_quiet)
-    assert first["status"] == "interrupted" and first["stage"] == "opt1"
-    second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=_quiet)
-    assert second["status"] == "interrupted" and second["stage"] == "finetune"
-    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=_quiet)
+    first = run_pipeline(tiny_config("b", **kw), stop_after_epochs=2, log=quiet)
+    assert first.status == "interrupted" and first.stage == "opt1"
+    second = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, stop_after_epochs=2, log=quiet)
+    assert second.status == "interrupted" and second.stage == "finetune"
+    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=quiet)
     assert_resumed_run_equals_straight_run(tmp_path / "a", tmp_path / "b", straight, resumed)
 
 
@@ -236,21 +223,21 @@ def test_calibration_moves_the_pruned_fraction_the_right_way():
     assert low < high and high > 1.5
 
 
-def test_pipeline_with_target_speedup_records_the_calibration(tmp_path):
-    cfg = PruneConfig(out=str(tmp_path / "t"), target_speedup=1.5, calib_epochs=1, calib_iters=2, calib_c0_max=2.0,
-                      **dict(FAST, epochs=1, finetune_epochs=0, c0=1.0, train_limit=128, test_limit=64))
-    report = run_pipeline(cfg, log=_quiet)
-    cal = report["stages"]["calibration"]
-    assert cal["target_speedup"] == 1.5 and 1.0 < cal["c0"] <= 2.0 and len(cal["trials"]) >= 1
-    assert report["c0_used"] == cal["c0"]
+def test_pipeline_with_target_speedup_records_the_calibration(tiny_config, quiet):
+    cfg = tiny_config("t", target_speedup=1.5, calib_epochs=1, calib_iters=2, calib_c0_max=2.0, epochs=1,
+                      finetune_epochs=0, c0=1.0, train_limit=128, test_limit=64)
+    report = run_pipeline(cfg, log=quiet)
+    cal = report.stages.calibration
+    assert cal.target_speedup == 1.5 and 1.0 < cal.c0 <= 2.0 and len(cal.trials) >= 1
+    assert report.c0_used == cal.c0
 
 
 # --------------------------------------------------------------------------------------- bad configs
-def test_bad_configurations_give_clear_errors(tmp_path):
+def test_bad_configurations_give_clear_errors(tmp_path, quiet):
     with pytest.raises(ValueError, match="--mode"):
-        run_pipeline(PruneConfig(out=str(tmp_path / "x"), mode="channel"), log=_quiet)
+        run_pipeline(PruneConfig(out=str(tmp_path / "x"), mode="channel"), log=quiet)
     with pytest.raises(ValueError, match="--model"):
-        run_pipeline(PruneConfig(out=str(tmp_path / "x"), model="lenet"), log=_quiet)
+        run_pipeline(PruneConfig(out=str(tmp_path / "x"), model="lenet"), log=quiet)
     with pytest.raises(ValueError, match="unknown pruning mode 'channel'"):
         build_target_set(build_model("small_cnn"), "channel")
     with pytest.raises(ValueError, match="input_shape"):
@@ -267,7 +254,7 @@ def test_bad_configurations_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         load_dataset("cifar10", missing)
     with pytest.raises(FileNotFoundError, match="checkpoint"):
-        run_pipeline(PruneConfig(out=str(tmp_path / "empty")), resume=True, log=_quiet)
+        run_pipeline(PruneConfig(out=str(tmp_path / "empty")), resume=True, log=quiet)
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):

@@ -1,0 +1,172 @@
+"""The configuration of a pruning run (what ``python -m catalyst_fused.prune`` exposes as flags)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ...data import DATASETS
+from ...models import MODEL_NAMES
+from ..formulations import FORMULATIONS
+from ..methods import get_method
+from ..targets import MODES
+
+__all__ = ["PruneConfig", "RUN_ONLY_FIELDS"]
+
+# Fields that change how a run is shown or where it is written, not what it computes.
+RUN_ONLY_FIELDS = ("out", "progress", "plots")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class PruneConfig:
+    model: str = "small_cnn"
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    method: str = "catalyst"
+    mode: str = "group"
+    formulation: str = "regularizer"  # or "bypass" (section 4b: extended model, then opt2)
+    out: str = "prune_out"
+    dense_epochs: int = 15
+    epochs: int = 50  # opt1 budget
+    finetune_epochs: int = 5
+    opt2_epochs: int = 5  # bypass only: epochs driving d - dbar to 0 before the fold
+    opt2_mu: float = 10.0  # bypass only: weight of mu_t * sum (d - dbar)^2
+    opt2_ramp: int = 2  # bypass only: epochs of linear mu ramp
+    opt2_lr: Optional[float] = None  # bypass only: constant opt2 learning rate (default: finetune_lr)
+    opt2_tol: float = 1e-2  # bypass only: largest |d - dbar| accepted as "small" at the snap
+    gamma: float = 0.03
+    gamma_warmup: int = 0
+    c0: float = 1.2
+    target_speedup: Optional[float] = None
+    calib_epochs: int = 0  # 0: each calibration trial is the full opt1 (exact prediction)
+    calib_iters: int = 6
+    calib_c0_max: float = 1.5
+    kappa: float = 2.0
+    lr: float = 0.05
+    catalyst_lr: Optional[float] = None
+    finetune_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    bn_beta: bool = True
+    image_size: Optional[int] = None
+    verify_rtol: float = 1e-2
+    latency_batch: int = 64
+    progress: bool = True
+    plots: bool = True
+    train_limit: Optional[int] = None  # use only the first N training / test samples (smoke tests)
+    test_limit: Optional[int] = None
+    dense_checkpoint: Optional[str] = None  # start from these dense weights (a state_dict file) instead of training
+    norm_threshold: float = 1e-2  # baselines without a target speed-up: remove groups with n_i <= this
+    noise_level: float = 0.01  # relative weight noise for the decision-robustness figure
+    noise_draws: int = 5
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag of the first bad option."""
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"--model: unknown model {self.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        get_method(self.method)  # raises for an unknown --method
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"--formulation: unknown formulation {self.formulation!r}; choose one of: {', '.join(FORMULATIONS)}")
+        if self.formulation == "bypass" and self.method != "catalyst":
+            raise ValueError(f"--formulation bypass is Catalyst's extended model; --method {self.method} runs the "
+                             "regularizer formulation only")
+        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters",
+                     "opt2_epochs", "opt2_ramp", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0 (an integer), got {value!r}")
+        for name in ("train_limit", "test_limit", "image_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
+        for name in ("batch_size", "latency_batch", "noise_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
+        self._finite("gamma", minimum=0.0)
+        self._finite("c0", positive=True)
+        self._finite("kappa", positive=True)
+        self._finite("lr", positive=True)
+        self._finite("finetune_lr", positive=True)
+        self._finite("weight_decay", minimum=0.0)
+        self._finite("verify_rtol", positive=True)
+        self._finite("norm_threshold", positive=True)
+        self._finite("noise_level", minimum=0.0)
+        self._finite("opt2_mu", positive=True)
+        self._finite("opt2_tol", positive=True)
+        for name in ("catalyst_lr", "opt2_lr"):
+            if getattr(self, name) is not None:
+                self._finite(name, positive=True)
+        self._finite("momentum", minimum=0.0)
+        if not self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.target_speedup is not None:
+            self._finite("target_speedup", positive=True)
+            if self.target_speedup < 1:
+                raise ValueError(f"--target-speedup must be a finite number >= 1, got {self.target_speedup}")
+        if not (math.isfinite(self.calib_c0_max) and self.calib_c0_max > 1):
+            raise ValueError(f"--calib-c0-max must be a finite number > 1, got {self.calib_c0_max}")
+        if self.dense_checkpoint is not None and not Path(self.dense_checkpoint).is_file():
+            raise ValueError(f"--dense-checkpoint: no file at {self.dense_checkpoint}")
+        if self.formulation == "bypass":
+            # mu * (d - dbar)^2 has curvature 4 mu along d - dbar: momentum SGD diverges unless 4 lr mu < 2 (1 + m).
+            lr2 = self.opt2_learning_rate
+            bound = 2 * (1 + self.momentum) / (4 * lr2)
+            if not self.opt2_mu < bound:
+                raise ValueError(f"--opt2-mu {self.opt2_mu} is too large for the opt2 learning rate {lr2} (--opt2-lr, default "
+                                 f"--finetune-lr) and --momentum {self.momentum}: the bypass penalty's SGD step is stable only "
+                                 f"for 4 * lr * mu < 2 * (1 + momentum), i.e. mu < {bound:.4g}")
+        if self.dataset == "digits" and self.data_root is not None:
+            raise ValueError("--data-root is not used by --dataset digits (it ships with scikit-learn); drop it or pick "
+                             "a dataset read from disk (cifar10, cifar100, imagefolder)")
+        if self.dataset != "digits" and self.data_root is None:
+            raise ValueError(f"--data-root is required for --dataset {self.dataset}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+
+    def _finite(self, name: str, *, positive: bool = False, minimum: Optional[float] = None) -> None:
+        value = getattr(self, name)
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (value > 0 if positive else True) and (minimum is None or value >= minimum)
+        if not ok:
+            what = "a positive finite number" if positive else f"a finite number >= {minimum:g}"
+            raise ValueError(f"{_flag(name)} must be {what}, got {value!r}")
+
+    @property
+    def opt2_learning_rate(self) -> float:
+        return self.finetune_lr if self.opt2_lr is None else self.opt2_lr
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def ignored_overrides(self, saved: "PruneConfig") -> list[str]:
+        """The options of this configuration that were set (differ from the defaults) and differ from
+        ``saved``, as ``--flag value (saved: value)``: what a resumed run ignores."""
+        default = PruneConfig()
+        out = []
+        for f in fields(self):
+            if f.name in RUN_ONLY_FIELDS:
+                continue
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if mine != getattr(default, f.name) and mine != theirs:
+                out.append(f"{_flag(f.name)} {mine!r} (saved: {theirs!r})")
+        return out

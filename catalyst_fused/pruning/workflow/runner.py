@@ -1,0 +1,285 @@
+"""The runner: owns the run's state, checkpoints, interruption, timing and the output directory, and runs
+the stages (:mod:`.stages`) in order, resuming at the stage and epoch a checkpoint recorded.
+
+Files in the output directory: ``checkpoint.pt`` (after every epoch and every stage; loads with
+``torch.load(..., weights_only=True)``), ``dense_model.pt``, ``pruned_model.pt`` and ``report.json``,
+all written through a temporary file and a rename, and ``.lock``, which keeps a second run out of the same
+directory while one is running (an OS lock: it goes away with the process that held it).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from ...data import load_dataset, make_loader
+from ...models import build_model
+from ..metrics import count_flops, count_params, evaluate
+from ..pruner import Pruner
+from .config import PruneConfig
+from .report import Stages
+from .training import Diverged
+
+__all__ = ["RunState", "Run", "Interrupt", "CHECKPOINT_FORMAT", "save_atomic", "load_checkpoint", "OutputLock",
+           "OutputBusyError"]
+
+CHECKPOINT_FORMAT = "catalyst_fused.checkpoint/2"
+STAGE_ORDER = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+
+
+class Interrupt(Exception):
+    """Raised by :meth:`Run.end_of_epoch` when ``stop_after_epochs`` is reached (a simulated interruption)."""
+
+    def __init__(self, stage: str, epoch: int):
+        self.stage, self.epoch = stage, epoch
+        super().__init__(f"interrupted after {stage} epoch {epoch}")
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds: where the run is and everything needed to continue it exactly."""
+
+    stage: str = "dense"
+    epoch: int = 0  # epochs of ``stage`` done
+    config: dict = field(default_factory=dict)
+    c0: float = 1.0
+    history: list = field(default_factory=list)  # one record per training epoch, all stages
+    stages: dict = field(default_factory=dict)  # Stages.to_dict() of the sections so far
+    elapsed: dict = field(default_factory=dict)  # seconds per stage
+    model: Optional[dict] = None  # the model's state_dict
+    pruner: Optional[dict] = None  # Pruner.state_dict() once opt1 has started
+    optimizer: Optional[dict] = None  # the current stage's optimizer (None between stages)
+    scheduler: Optional[dict] = None
+    rng: Optional[dict] = None
+    initial_norms: Optional[torch.Tensor] = None  # group norms when opt1 started (magnitude-bias figure)
+
+    def to_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunState":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a crash never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> RunState:
+    """Reads a checkpoint (``weights_only=True``: nothing in the file is executed).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming the file, if it is truncated, corrupted or not a checkpoint of this workflow.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError / pickle errors / EOFError for damaged files
+        raise ValueError(f"--resume: {path} cannot be read as a checkpoint (truncated or corrupted?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"--resume: {path} is not a checkpoint of this workflow (format {found!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r})")
+    try:
+        state = RunState.from_dict(data)
+    except TypeError as exc:
+        raise ValueError(f"--resume: {path} is a damaged checkpoint: {exc}") from exc
+    if state.stage not in STAGE_ORDER:
+        raise ValueError(f"--resume: {path} records an unknown stage {state.stage!r}")
+    return state
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the output directory."""
+
+
+class OutputLock:
+    """An exclusive OS lock on ``<out>/.lock`` for the lifetime of a run.
+
+    Raises:
+        OutputBusyError: naming the directory when another process holds it.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".lock"
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "OutputLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputBusyError(f"--out {self.path.parent}: another run is using this directory ({holder}); "
+                               "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def rng_state() -> dict:
+    """Every RNG state, as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def input_format(cfg: PruneConfig) -> tuple[int, int]:
+    """(channels, image size) the model is fed."""
+    if cfg.model == "small_cnn" and cfg.dataset == "digits":
+        return 1, cfg.image_size or 8
+    return 3, cfg.image_size or 32
+
+
+class Run:
+    """One pruning run: configuration, data, model, pruner, state and output files (see the module
+    docstring). Stages read and change it; only the runner writes files."""
+
+    def __init__(self, cfg: PruneConfig, state: Optional[RunState], *, log: Callable[[str], None],
+                 stop_after_epochs: Optional[int]):
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.device = torch.device(cfg.device)
+        self._stop_after = stop_after_epochs
+        self._epochs_this_call = 0
+        channels, size = input_format(cfg)
+        self.in_channels = channels
+        self.input_shape = (channels, size, size)
+        train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
+        if cfg.train_limit is not None:
+            train_set = Subset(train_set, range(min(cfg.train_limit, len(train_set))))
+        if cfg.test_limit is not None:
+            test_set = Subset(test_set, range(min(cfg.test_limit, len(test_set))))
+        if len(train_set) < 1 or len(test_set) < 1:
+            raise ValueError(f"--dataset {cfg.dataset}: the split has {len(train_set)} training and {len(test_set)} test "
+                             "samples; both need at least one (more images, or a train/ and val/ folder)")
+        info.train_size, info.test_size = len(train_set), len(test_set)
+        self.train_set, self.test_set, self.info = train_set, test_set, info
+        self.test_loader = make_loader(test_set, 256, shuffle=False)
+
+        fresh = state is None
+        if fresh:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            state = RunState(config=cfg.to_dict(), c0=cfg.c0)
+        self.state = state
+        self.stages = Stages.from_dict(state.stages)
+        self.model = self.new_model()
+        # The groups this run regularises (config errors surface now); the pruner reuses them.
+        self.targets, self.excluded = Pruner.plan(
+            self.model, self.input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation, bn_beta=cfg.bn_beta)
+        self.dense_cost = {"flops": count_flops(self.model, self.input_shape), "params": count_params(self.model)}
+        self.pruner: Optional[Pruner] = None
+        if not fresh:
+            if state.pruner is not None:
+                self.pruner = self.new_pruner(state.c0)
+                self.pruner.load_state_dict(state.pruner)
+            self.model.load_state_dict(state.model)
+            set_rng_state(state.rng)
+
+    # ------------------------------------------------------------------------------------------ factories
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model, num_classes=self.info.num_classes, in_channels=self.in_channels).to(self.device)
+
+    def new_pruner(self, c0: float) -> Pruner:
+        """The run's pruner on the run's model (reusing the targets found at the start)."""
+        from .calibration import make_pruner
+
+        return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets)
+
+    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict:
+        return evaluate(self.model if model is None else model, self.test_loader, self.device)
+
+    def sgd(self, params, lr: float) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+
+    # ------------------------------------------------------------------------------------------ state
+    def save_state(self) -> None:
+        self.state.stages = self.stages.to_dict()
+        save_atomic(self.state.to_dict(), self.ckpt_path)
+
+    def checkpoint(self, stage: str, epoch: int, *, optimizer=None, scheduler=None) -> None:
+        """Records the run at (``stage``, ``epoch``) and writes ``checkpoint.pt``."""
+        s = self.state
+        s.stage, s.epoch = stage, epoch
+        s.model = self.model.state_dict()
+        s.pruner = None if self.pruner is None else self.pruner.state_dict()
+        s.optimizer = None if optimizer is None else optimizer.state_dict()
+        s.scheduler = None if scheduler is None else scheduler.state_dict()
+        s.rng = rng_state()
+        self.save_state()
+
+    def advance(self, stage: str) -> None:
+        """The current stage is complete: checkpoint at the start of ``stage``."""
+        self.checkpoint(stage, 0)
+
+    def end_of_epoch(self, stage: str, epoch: int, record: dict, *, optimizer=None, scheduler=None) -> None:
+        """Appends the epoch's record, checkpoints, and raises :class:`Interrupt` when the call's epoch
+        budget (``stop_after_epochs``) is spent."""
+        self.state.history.append(record)
+        self.checkpoint(stage, epoch, optimizer=optimizer, scheduler=scheduler)
+        self._epochs_this_call += 1
+        if self._stop_after is not None and self._epochs_this_call >= self._stop_after:
+            raise Interrupt(stage, epoch)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.state.elapsed[stage] = self.state.elapsed.get(stage, 0.0) + time.perf_counter() - t0
+
+    def test_batch(self, n: int = 256) -> torch.Tensor:
+        """Up to ``n`` test inputs (the verification batch)."""
+        return torch.cat([b[0] for b, _ in zip(self.test_loader, range(1))])[:n].to(self.device)
+
+    def load_state_into(self, optimizer, scheduler=None) -> None:
+        """Restores the optimizer (and scheduler) state a mid-stage checkpoint recorded."""
+        if self.state.optimizer is not None:
+            optimizer.load_state_dict(self.state.optimizer)
+        if scheduler is not None and self.state.scheduler is not None:
+            scheduler.load_state_dict(self.state.scheduler)
+
+
+__all__ += ["rng_state", "set_rng_state", "input_format", "Diverged"]

@@ -1,0 +1,151 @@
+"""The workflow's reliability: divergence, damaged or foreign checkpoints, resume with other options, a
+second run on the same output directory, CLI and data checks, and determinism that progress bars and
+calibration trials do not change."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from catalyst_fused import prune as cli
+from catalyst_fused.pruning import PruneConfig, Report, predict_speedup, run_pipeline
+from catalyst_fused.pruning.workflow.runner import OutputBusyError, OutputLock, input_format
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_at_once_and_says_so(tmp_path, tiny_config, quiet, capsys):
+    cfg = tiny_config("nan", lr=1e4, dense_epochs=2)
+    report = run_pipeline(cfg, log=quiet)
+    assert report.status == "diverged" and "diverged at dense epoch 1" in report.error
+    on_disk = _strict_json(tmp_path / "nan" / "report.json")
+    assert on_disk["status"] == "diverged" and on_disk["error"] == report.error and on_disk["cost"] is None
+    assert not (tmp_path / "nan" / "pruned_model.pt").exists()
+    # the CLI exits with 1 and names the problem
+    code = cli.main(["--out", str(tmp_path / "cli"), "--lr", "10000", "--dense-epochs", "1", "--train-limit", "256",
+                     "--test-limit", "64", "--no-progress", "--no-plots"])
+    assert code == 1 and "diverged" in capsys.readouterr().err
+
+
+def test_reports_are_strict_json_and_typed(tmp_path, tiny_config, quiet):
+    report = run_pipeline(tiny_config("run", finetune_epochs=0), log=quiet)
+    on_disk = _strict_json(tmp_path / "run" / "report.json")
+    loaded = Report.load(tmp_path / "run" / "report.json")
+    assert loaded.accuracy == report.accuracy and loaded.stages.prune.channels_pruned == report.stages.prune.channels_pruned
+    assert loaded.config == report.config and on_disk["cost"]["flops_ratio"] == report.cost.flops_ratio
+    assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]  # atomic writes leave nothing behind
+    with pytest.raises(ValueError, match="not a readable report"):
+        (tmp_path / "bad.json").write_text("{")
+        Report.load(tmp_path / "bad.json")
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_naming_the_file(tmp_path, tiny_config, quiet):
+    first = run_pipeline(tiny_config("run"), stop_after_epochs=1, log=quiet)
+    assert first.status == "interrupted"
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    torch.load(ckpt, weights_only=True)  # nothing in our checkpoints needs pickled code
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{ckpt}.*truncated or corrupted"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "run")), resume=True, log=quiet)
+    torch.save({"model": {}, "epoch": 3}, ckpt)
+    with pytest.raises(ValueError, match=f"{ckpt} is not a checkpoint of this workflow"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "run")), resume=True, log=quiet)
+
+
+def test_resume_lists_the_options_it_ignores(tmp_path, tiny_config):
+    lines = []
+    run_pipeline(tiny_config("run"), stop_after_epochs=1, log=lines.append)
+    lines.clear()
+    resumed = run_pipeline(PruneConfig(out=str(tmp_path / "run"), epochs=9, gamma=0.5, progress=False, plots=False),
+                           resume=True, stop_after_epochs=1, log=lines.append)
+    assert resumed.status == "interrupted"
+    warning = next(line for line in lines if line.startswith("warning: --resume"))
+    assert "--epochs 9 (saved: 6)" in warning and "--gamma 0.5 (saved: 0.1)" in warning
+
+
+def test_a_second_run_on_the_same_output_directory_is_refused(tmp_path, tiny_config, quiet):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with OutputLock(out):
+        with pytest.raises(OutputBusyError, match="another run is using this directory"):
+            run_pipeline(tiny_config("busy"), log=quiet)
+    assert run_pipeline(tiny_config("busy"), stop_after_epochs=1, log=quiet).status == "interrupted"  # free again
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--data-root", "/tmp"], "--data-root"),
+    (["--image-size", "0"], "--image-size"),
+    (["--seed", "-1"], "--seed"),
+    (["--momentum", "-0.1"], "--momentum"),
+    (["--momentum", "1.0"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--gamma", "nan"], "--gamma"),
+])
+def test_cli_rejects_bad_values_naming_the_flag(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_config_validation_names_the_option():
+    for kw, flag in (({"seed": -1}, "--seed"), ({"image_size": 0}, "--image-size"), ({"momentum": 1.2}, "--momentum"),
+                     ({"data_root": "/x"}, "--data-root"), ({"lr": float("inf")}, "--lr")):
+        with pytest.raises(ValueError, match=flag):
+            PruneConfig(**kw).validate()
+
+
+def _png(path, value=100):
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 12, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_unreadable_images_and_too_small_splits_are_clear_errors(tmp_path, quiet):
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            _png(root / cls / f"{i}.png", 50 * i)
+    (root / "a" / "9.png").write_bytes(b"not an image at all")
+    kw = dict(model="small_cnn", dataset="imagefolder", data_root=str(root), image_size=8, dense_epochs=1, epochs=1,
+              finetune_epochs=0, progress=False, plots=False, latency_batch=2)
+    with pytest.raises(ValueError, match="cannot read image .*9.png"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "o"), **kw), log=quiet)
+    one = tmp_path / "one" / "a"
+    one.mkdir(parents=True)
+    _png(one / "0.png")
+    with pytest.raises(ValueError, match="0 test samples"):
+        run_pipeline(PruneConfig(out=str(tmp_path / "o2"), **dict(kw, data_root=str(tmp_path / "one"))), log=quiet)
+    assert not (tmp_path / "o2" / "checkpoint.pt").exists()  # rejected before training
+
+
+def test_progress_bars_do_not_change_the_run(tiny_config, quiet):
+    kw = dict(dense_epochs=1, epochs=1, finetune_epochs=1, train_limit=192, test_limit=64)
+    a = run_pipeline(tiny_config("a", progress=False, **kw), log=quiet)
+    b = run_pipeline(tiny_config("b", progress=True, **kw), log=quiet)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+
+
+def test_a_calibration_trial_predicts_exactly_what_the_run_obtains(tiny_config, quiet):
+    """The trial is the opt1 the pipeline runs (same hooks, loop, data order), so the prediction is exact."""
+    cfg = tiny_config("run", finetune_epochs=0)
+    report = run_pipeline(cfg, log=quiet)
+    from catalyst_fused.data import load_dataset
+    from catalyst_fused.models import build_model
+    from torch.utils.data import Subset
+
+    channels, size = input_format(cfg)
+    train, _, info = load_dataset("digits", image_size=size, channels=channels)
+    dense = build_model("small_cnn", num_classes=info.num_classes, in_channels=channels)
+    dense.load_state_dict(torch.load(os.path.join(cfg.out, "dense_model.pt"), weights_only=True))
+    predicted = predict_speedup(dense, cfg, Subset(train, range(cfg.train_limit)), cfg.c0, (channels, size, size))
+    assert predicted == report.cost.flops_ratio and predicted > 1
