@@ -149,3 +149,36 @@ def test_a_calibration_trial_predicts_exactly_what_the_run_obtains(tiny_config, 
     dense.load_state_dict(torch.load(os.path.join(cfg.out, "dense_model.pt"), weights_only=True))
     predicted = predict_speedup(dense, cfg, Subset(train, range(cfg.train_limit)), cfg.c0, (channels, size, size))
     assert predicted == report.cost.flops_ratio and predicted > 1
+
+
+def test_run_pipeline_takes_a_users_model_data_and_loss(tmp_path, quiet):
+    """The workflow is a client of the pruner: any model and datasets, not only the named ones."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 10, 3, padding=1),
+                          nn.BatchNorm2d(10), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 3))
+    x = torch.randn(96, 2, 6, 6)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    train, test = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        return nn.functional.cross_entropy(out, target, label_smoothing=0.1)
+
+    cfg = PruneConfig(model="my_net", dataset="my_data", out=str(tmp_path / "own"), dense_epochs=1, epochs=2,
+                      finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0, batch_size=16, progress=False, plots=False,
+                      latency_batch=4)
+    report = run_pipeline(cfg, model=model, train_data=DataLoader(train, batch_size=5), test_data=test, loss_fn=loss_fn,
+                          log=quiet)
+    assert report.status == "done" and calls and report.input_shape == [2, 6, 6]
+    assert report.dataset["train_size"] == 64 and report.dataset["name"] == "custom"
+    assert [t["name"] for t in report.targets] == ["0", "3"]
+    # the caller's model object is the one pruned, in place
+    assert model[0].out_channels == report.per_layer_kept["0"] and model[3].out_channels == report.per_layer_kept["3"]
+    with pytest.raises(ValueError, match="both train_data and test_data"):
+        run_pipeline(cfg, model=model, train_data=train, log=quiet)
+    with pytest.raises(ValueError, match="--model: unknown model 'my_net'"):
+        run_pipeline(cfg, train_data=train, test_data=test, log=quiet)

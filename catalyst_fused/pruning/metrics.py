@@ -74,8 +74,9 @@ def measure_latency(model: nn.Module, input_shape, *, batch_size: int = 64, repe
             "threads": torch.get_num_threads(), "device": str(p.device)}
 
 
-def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` in eval mode over ``loader``."""
+def evaluate(model: nn.Module, loader: Iterable, device="cpu", loss_fn=None) -> dict:
+    """Top-1 accuracy (percent) and mean loss (``loss_fn``, a mean over its batch; default cross-entropy) of
+    ``model`` in eval mode over ``loader``."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -85,7 +86,10 @@ def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             out = model(x)
-            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            if loss_fn is None:
+                loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            else:
+                loss += float(loss_fn(out, y)) * int(y.shape[0])
             correct += int((out.argmax(1) == y).sum())
             total += int(y.numel())
     model.train(was_training)

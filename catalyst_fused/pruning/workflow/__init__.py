@@ -13,7 +13,8 @@ Layout: :mod:`.config` (``PruneConfig``, the CLI's options), :mod:`.stages` (one
 :mod:`.training` (the one epoch loop), :mod:`.runner` (state, checkpoints, interruption, output files),
 :mod:`.calibration` (``c0`` for a target speed-up), :mod:`.report` (the typed report), :mod:`.plots`.
 
-``run_pipeline`` takes a :class:`PruneConfig` (models and data by name, as the CLI does).
+``run_pipeline`` takes a :class:`PruneConfig` (models and data by name, as the CLI does) and, optionally, the
+model, datasets and loss as objects.
 
 Choices **[our reading]**, stated here once:
 
@@ -67,7 +68,7 @@ from .calibration import calibrate_c0, gamma_t, predict_speedup
 from .config import PruneConfig
 from .plots import HIST_BINS
 from .report import Interrupted, Report
-from .runner import Interrupt, OutputBusyError, OutputLock, Run, load_checkpoint
+from .runner import Interrupt, OutputBusyError, OutputLock, Run, RunInputs, load_checkpoint
 from .stages import final_report, run_stages, write_outputs
 from .training import Diverged
 
@@ -75,12 +76,21 @@ __all__ = ["PruneConfig", "Report", "Interrupted", "OutputBusyError", "run_pipel
            "HIST_BINS", "FORMULATIONS"]
 
 
-def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs: Optional[int] = None,
+def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=None, example_inputs=None,
+                 loss_fn: Optional[Callable] = None, resume: bool = False, stop_after_epochs: Optional[int] = None,
                  log: Callable[[str], None] = print) -> Union[Report, Interrupted]:
     """Runs (or, with ``resume``, continues) the pipeline in ``config.out``; returns the :class:`Report`
     (also written to ``<out>/report.json``; ``status`` "done", or "diverged" when the loss became
     non-finite) or :class:`Interrupted`. ``stop_after_epochs`` stops after that many training epochs of
     this call (all stages together), as an interruption would.
+
+    The model and data come from ``config.model`` / ``config.dataset`` (names, as on the command line) unless
+    given as objects: ``model`` (an ``nn.Module``, trained from its current weights for
+    ``config.dense_epochs`` — 0 to start from them — and pruned in place), ``train_data`` / ``test_data``
+    (``Dataset`` s of ``(x, y)``, or ``DataLoader`` s whose datasets are used: the pipeline draws its own
+    seeded batches of ``config.batch_size``), ``example_inputs`` (a batch; default: the first training
+    sample) and ``loss_fn(output, target)`` (default: cross-entropy; accuracy is top-1). To resume a run made
+    with objects, pass the same kind of objects again (a freshly built model: the checkpoint restores it).
 
     Raises:
         ValueError: a bad configuration (naming the flag), an unreadable checkpoint (naming the file).
@@ -98,13 +108,16 @@ def run_pipeline(config: PruneConfig, *, resume: bool = False, stop_after_epochs
                 "ignored: " + ", ".join(ignored))
         saved.out, saved.progress, saved.plots = config.out, config.progress, config.plots
         config = saved
-        config.validate()
+        config.validate(named_model=model is None, named_data=train_data is None and test_data is None)
         log(f"resuming {out / 'checkpoint.pt'}: stage {state.stage}, {state.epoch} epochs done")
     else:
-        config.validate()
+        config.validate(named_model=model is None, named_data=train_data is None and test_data is None)
+    if (train_data is None) != (test_data is None):
+        raise ValueError("run_pipeline: give both train_data and test_data, or neither")
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        run = Run(config, state, log=log, stop_after_epochs=stop_after_epochs)
+        inputs = RunInputs.from_objects(config, model, train_data, test_data, example_inputs, loss_fn)
+        run = Run(config, state, inputs, log=log, stop_after_epochs=stop_after_epochs)
         dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in run.excluded) or "none"
         log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
         try:

@@ -46,7 +46,8 @@ def make_pruner(model, cfg: PruneConfig, c0: float, input_shape, targets=None) -
                   norm_threshold=cfg.norm_threshold, catalyst_lr=cfg.catalyst_lr, targets=targets)
 
 
-def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_shape, device="cpu", targets=None) -> float:
+def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_shape, device="cpu", targets=None,
+                    loss_fn=None) -> float:
     """The FLOPs ratio (dense / pruned) that opt1 with ``c0`` reaches from ``dense_model`` (a trial on a copy;
     ``dense_model`` is not changed). With ``calib_epochs == 0`` the trial is the opt1 the pipeline runs (same
     budget, stop rule, data order, hooks); a positive ``calib_epochs`` runs a shorter trial (cheaper, but it
@@ -63,7 +64,7 @@ def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_s
 
     epoch_loop("opt1", cfg.calib_epochs or cfg.epochs, start=0, model=model, optimizer=opt, train_set=train_set,
                batch_size=cfg.batch_size, seed=cfg.seed, device=device, before_epoch=before_epoch,
-               after_backward=after_backward, after_step=after_step, after_epoch=after_epoch)
+               after_backward=after_backward, after_step=after_step, after_epoch=after_epoch, loss_fn=loss_fn)
     dense = count_flops(dense_model, input_shape)["macs"]
     pruner.prune()
     return dense / count_flops(model, input_shape)["macs"]
@@ -80,7 +81,8 @@ def calibrate_c0(run, log: Callable[[str], None] = None) -> Calibration:
 
     def ratio(c0: float) -> float:
         if c0 not in cache:
-            cache[c0] = predict_speedup(run.model, cfg, run.train_set, c0, run.input_shape, run.device, run.targets)
+            cache[c0] = predict_speedup(run.model, cfg, run.train_set, c0, run.input_shape, run.device, run.targets,
+                                        run.loss_fn)
             log(f"  calibrate: c0={c0:.4f} -> predicted speed-up {cache[c0]:.3f}x")
         return cache[c0]
 

@@ -70,11 +70,12 @@ class PruneConfig:
     noise_level: float = 0.01  # relative weight noise for the decision-robustness figure
     noise_draws: int = 5
 
-    def validate(self) -> None:
-        """Raises ValueError naming the flag of the first bad option."""
-        if self.model not in MODEL_NAMES:
+    def validate(self, *, named_model: bool = True, named_data: bool = True) -> None:
+        """Raises ValueError naming the flag of the first bad option. ``named_model`` / ``named_data``: the
+        model / the datasets come from their names (False when :func:`run_pipeline` was given objects)."""
+        if named_model and self.model not in MODEL_NAMES:
             raise ValueError(f"--model: unknown model {self.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
-        if self.dataset not in DATASETS:
+        if named_data and self.dataset not in DATASETS:
             raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
@@ -130,10 +131,10 @@ class PruneConfig:
                 raise ValueError(f"--opt2-mu {self.opt2_mu} is too large for the opt2 learning rate {lr2} (--opt2-lr, default "
                                  f"--finetune-lr) and --momentum {self.momentum}: the bypass penalty's SGD step is stable only "
                                  f"for 4 * lr * mu < 2 * (1 + momentum), i.e. mu < {bound:.4g}")
-        if self.dataset == "digits" and self.data_root is not None:
+        if named_data and self.dataset == "digits" and self.data_root is not None:
             raise ValueError("--data-root is not used by --dataset digits (it ships with scikit-learn); drop it or pick "
                              "a dataset read from disk (cifar10, cifar100, imagefolder)")
-        if self.dataset != "digits" and self.data_root is None:
+        if named_data and self.dataset != "digits" and self.data_root is None:
             raise ValueError(f"--data-root is required for --dataset {self.dataset}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")

@@ -9,6 +9,7 @@ directory while one is running (an OS lock: it goes away with the process that h
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import os
 import random
@@ -29,7 +30,7 @@ from .config import PruneConfig
 from .report import Stages
 from .training import Diverged
 
-__all__ = ["RunState", "Run", "Interrupt", "CHECKPOINT_FORMAT", "save_atomic", "load_checkpoint", "OutputLock",
+__all__ = ["RunState", "RunInputs", "Run", "Interrupt", "CHECKPOINT_FORMAT", "save_atomic", "load_checkpoint", "OutputLock",
            "OutputBusyError"]
 
 CHECKPOINT_FORMAT = "catalyst_fused.checkpoint/2"
@@ -162,17 +163,68 @@ def set_rng_state(state: dict) -> None:
 
 
 def input_format(cfg: PruneConfig) -> tuple[int, int]:
-    """(channels, image size) the model is fed."""
+    """(channels, image size) a named model is fed."""
     if cfg.model == "small_cnn" and cfg.dataset == "digits":
         return 1, cfg.image_size or 8
     return 3, cfg.image_size or 32
+
+
+@dataclass
+class RunInputs:
+    """What a run trains and on what: built from the configuration's names (:meth:`from_names`, what the
+    CLI does) or from the caller's objects (:meth:`from_objects`)."""
+
+    new_model: Callable[[], torch.nn.Module]  # the dense model (the first call may return the caller's object)
+    train_set: object
+    test_set: object
+    input_shape: tuple  # one sample's shape (FLOPs, latency, the trace)
+    info: dict  # dataset description for the report
+    loss_fn: Optional[Callable] = None  # None: cross-entropy
+
+    @classmethod
+    def from_names(cls, cfg: PruneConfig) -> "RunInputs":
+        channels, size = input_format(cfg)
+        train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
+        return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels),
+                   train_set, test_set, (channels, size, size), asdict(info))
+
+    @classmethod
+    def from_objects(cls, cfg: PruneConfig, model=None, train_data=None, test_data=None, example_inputs=None,
+                     loss_fn=None) -> "RunInputs":
+        """The caller's model (pruned in place) and/or datasets (a ``Dataset`` of ``(x, y)``, or a
+        ``DataLoader``, whose dataset is used: batch size and order come from the configuration, so that runs
+        can be resumed exactly); what is not given comes from the names."""
+        named = cls.from_names(cfg) if model is None or train_data is None or test_data is None else None
+        train_set = named.train_set if train_data is None else getattr(train_data, "dataset", train_data)
+        test_set = named.test_set if test_data is None else getattr(test_data, "dataset", test_data)
+        info = dict(named.info) if named is not None else {"name": "custom", "num_classes": None}
+        if train_data is not None:
+            info.update(name="custom", train_size=len(train_set), test_size=len(test_set))
+        if example_inputs is not None:
+            if not isinstance(example_inputs, torch.Tensor):
+                raise ValueError("run_pipeline: example_inputs must be one batch tensor (its sample shape is used)")
+            shape = tuple(example_inputs.shape[1:])
+        elif train_data is not None:
+            shape = tuple(train_set[0][0].shape)
+        else:
+            shape = named.input_shape
+        if model is None:
+            new_model = named.new_model
+        else:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"run_pipeline: model must be an nn.Module, got {type(model).__name__}")
+            template = copy.deepcopy(model)
+            handed = [model]
+            # the first model is the caller's own (pruned in place); later ones are fresh dense copies
+            new_model = lambda: handed.pop() if handed else copy.deepcopy(template)  # noqa: E731
+        return cls(new_model, train_set, test_set, shape, info, loss_fn)
 
 
 class Run:
     """One pruning run: configuration, data, model, pruner, state and output files (see the module
     docstring). Stages read and change it; only the runner writes files."""
 
-    def __init__(self, cfg: PruneConfig, state: Optional[RunState], *, log: Callable[[str], None],
+    def __init__(self, cfg: PruneConfig, state: Optional[RunState], inputs: RunInputs, *, log: Callable[[str], None],
                  stop_after_epochs: Optional[int]):
         self.cfg = cfg
         self.log = log
@@ -181,10 +233,10 @@ class Run:
         self.device = torch.device(cfg.device)
         self._stop_after = stop_after_epochs
         self._epochs_this_call = 0
-        channels, size = input_format(cfg)
-        self.in_channels = channels
-        self.input_shape = (channels, size, size)
-        train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
+        self.inputs = inputs
+        self.input_shape = tuple(inputs.input_shape)
+        self.loss_fn = inputs.loss_fn
+        train_set, test_set = inputs.train_set, inputs.test_set
         if cfg.train_limit is not None:
             train_set = Subset(train_set, range(min(cfg.train_limit, len(train_set))))
         if cfg.test_limit is not None:
@@ -192,8 +244,8 @@ class Run:
         if len(train_set) < 1 or len(test_set) < 1:
             raise ValueError(f"--dataset {cfg.dataset}: the split has {len(train_set)} training and {len(test_set)} test "
                              "samples; both need at least one (more images, or a train/ and val/ folder)")
-        info.train_size, info.test_size = len(train_set), len(test_set)
-        self.train_set, self.test_set, self.info = train_set, test_set, info
+        self.info = dict(inputs.info, train_size=len(train_set), test_size=len(test_set))
+        self.train_set, self.test_set = train_set, test_set
         self.test_loader = make_loader(test_set, 256, shuffle=False)
 
         fresh = state is None
@@ -219,7 +271,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ factories
     def new_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, num_classes=self.info.num_classes, in_channels=self.in_channels).to(self.device)
+        """The dense model (first call: the one the run prunes; later calls: fresh dense copies)."""
+        return self.inputs.new_model().to(self.device)
 
     def new_pruner(self, c0: float) -> Pruner:
         """The run's pruner on the run's model (reusing the targets found at the start)."""
@@ -228,7 +281,7 @@ class Run:
         return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets)
 
     def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict:
-        return evaluate(self.model if model is None else model, self.test_loader, self.device)
+        return evaluate(self.model if model is None else model, self.test_loader, self.device, self.loss_fn)
 
     def sgd(self, params, lr: float) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)

@@ -53,7 +53,7 @@ def _supervised(run: Run, stage: str, epochs: int, lr: float) -> StageEval:
 
     epoch_loop(stage, epochs, start=run.state.epoch, model=run.model, optimizer=opt, train_set=run.train_set,
                batch_size=run.cfg.batch_size, seed=run.cfg.seed, device=run.device, scheduler=sched,
-               after_epoch=after_epoch, progress=run.cfg.progress)
+               after_epoch=after_epoch, progress=run.cfg.progress, loss_fn=run.loss_fn)
     return StageEval(epochs=epochs, **run.evaluate())
 
 
@@ -124,7 +124,7 @@ def opt1(run: Run) -> None:
             e, stopped = epoch_loop("opt1", cfg.epochs, start=start, model=run.model, optimizer=opt, train_set=run.train_set,
                                     batch_size=cfg.batch_size, seed=cfg.seed, device=run.device, before_epoch=before_epoch,
                                     after_backward=after_backward, after_step=after_step, after_epoch=after_epoch,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, loss_fn=run.loss_fn)
         op.stopped_because = "all channels decided" if stopped else "epoch budget spent"
         op.epochs_run = e
         final = decision_stats(pruner)
@@ -252,7 +252,8 @@ def opt2(run: Run) -> None:
 
         epoch_loop("opt2", cfg.opt2_epochs, start=run.state.epoch, model=model, optimizer=opt, train_set=run.train_set,
                    batch_size=cfg.batch_size, seed=cfg.seed, device=run.device, before_epoch=before_epoch,
-                   after_backward=lambda: pruner.bypass_penalty_(mu[0]), after_epoch=after_epoch, progress=cfg.progress)
+                   after_backward=lambda: pruner.bypass_penalty_(mu[0]), after_epoch=after_epoch, progress=cfg.progress,
+                   loss_fn=run.loss_fn)
         x = run.test_batch()
         acc_before = run.evaluate()["accuracy"]
         model.eval()
@@ -316,7 +317,7 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
     )
     elapsed = run.state.elapsed
     return Report(
-        status=status, config=cfg, dataset=asdict(run.info), input_shape=list(run.input_shape),
+        status=status, config=cfg, dataset=dict(run.info), input_shape=list(run.input_shape),
         targets=[asdict(t) for t in run.targets], targets_excluded=run.excluded, c0_used=run.state.c0, stages=st,
         accuracy=accuracy, cost=cost,
         per_layer_kept={} if st.prune is None else {k: v["kept"] for k, v in st.prune.per_layer.items()},

@@ -47,15 +47,16 @@ def _progress(loader, enabled: bool, desc: str):
 
 def train_epoch(model: nn.Module, loader, optimizer, device, *, after_backward: Optional[Callable[[], None]] = None,
                 after_step: Optional[Callable[[], None]] = None, progress: bool = False, desc: str = "",
-                where: tuple = ("train", 0)) -> dict:
-    """One epoch of cross-entropy training: ``backward``, ``after_backward()`` (the pruner's
-    ``regularize``), ``optimizer.step()``, ``after_step()`` (the pruner's ``after_step``).
+                where: tuple = ("train", 0), loss_fn: Optional[Callable] = None) -> dict:
+    """One epoch of training on ``loss_fn(model(x), y)`` (default: cross-entropy): ``backward``,
+    ``after_backward()`` (the pruner's ``regularize``), ``optimizer.step()``, ``after_step()`` (the pruner's
+    ``after_step``).
 
     Raises:
         Diverged: at the first non-finite loss (``where`` = (stage, epoch) names it).
     """
     model.train()
-    crit = nn.CrossEntropyLoss()
+    crit = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     total_loss = 0.0
     n = 0
     for step, (x, y) in enumerate(_progress(loader, progress, desc)):
@@ -79,7 +80,8 @@ def train_epoch(model: nn.Module, loader, optimizer, device, *, after_backward: 
 def epoch_loop(stage: str, epochs: int, *, start: int, model: nn.Module, optimizer, train_set, batch_size: int, seed: int,
                device, scheduler=None, before_epoch: Optional[Callable[[int], None]] = None,
                after_backward: Optional[Callable[[], None]] = None, after_step: Optional[Callable[[], None]] = None,
-               after_epoch: Optional[Callable[[int, dict], bool]] = None, progress: bool = False) -> tuple[int, bool]:
+               after_epoch: Optional[Callable[[int, dict], bool]] = None, progress: bool = False,
+               loss_fn: Optional[Callable] = None) -> tuple[int, bool]:
     """Epochs ``start .. epochs - 1`` of ``stage``: ``before_epoch(e)``, one :func:`train_epoch` over the
     epoch's seeded data order, ``scheduler.step()``, then ``after_epoch(e + 1, record)``, which returns True
     to stop early. Returns ``(epochs done, stopped early)``."""
@@ -89,7 +91,7 @@ def epoch_loop(stage: str, epochs: int, *, start: int, model: nn.Module, optimiz
             before_epoch(e)
         loader = make_loader(train_set, batch_size, shuffle=True, seed=epoch_seed(seed, stage, e))
         rec = train_epoch(model, loader, optimizer, device, after_backward=after_backward, after_step=after_step,
-                          progress=progress, desc=f"{stage} {e + 1}/{epochs}", where=(stage, e + 1))
+                          progress=progress, desc=f"{stage} {e + 1}/{epochs}", where=(stage, e + 1), loss_fn=loss_fn)
         bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             raise Diverged(stage, e + 1, f"parameter {bad} holds NaN or infinite values")
