@@ -70,6 +70,60 @@ def check_penalty_args(weights: Sequence[torch.Tensor], catalysts: Sequence[torc
                 )
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """A tensor without readable data (FakeTensor under torch.compile / opcheck, or a meta tensor)."""
+    if t.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return is_fake(t)
+
+
+MEMBER_COLUMNS = 7  # csrc/penalty_math.h MemberColumn
+
+
+def check_plan(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], plan) -> None:
+    """The member table checks of csrc/plan.cpp (same messages), for the fake functions and Python backends.
+    Values are checked only when the table has data (not under fake tensors)."""
+    if plan is None:
+        check_penalty_args(weights, catalysts, per_row=True)
+        return
+    check_penalty_args(weights, catalysts, per_row=False)
+    if plan.dtype != torch.int64 or plan.dim() != 2 or plan.shape[1] != MEMBER_COLUMNS or plan.device.type not in ("cpu", "meta"):
+        raise ValueError(
+            f"catalyst_fused: plan must be a contiguous int64 CPU tensor of shape [members, {MEMBER_COLUMNS}] (build it "
+            f"with catalyst_fused.GroupLayout), got {plan.dtype} {tuple(plan.shape)} on {plan.device}"
+        )
+    if _is_fake(plan):
+        return
+    for i, (t, dim, start, count, seg, seg_start, width) in enumerate(plan.tolist()):
+        if not 0 <= t < len(weights):
+            raise ValueError(f"catalyst_fused: plan member {i} refers to weights[{t}] but only {len(weights)} weights were given")
+        shape = tuple(weights[t].shape)
+        if dim not in (0, 1):
+            raise ValueError(f"catalyst_fused: plan member {i} has dim {dim}; only 0 (rows) and 1 (input columns) are supported")
+        if dim >= len(shape):
+            raise ValueError(f"catalyst_fused: plan member {i} slices weights[{t}] along dim {dim} but it has shape {list(shape)}")
+        size = shape[dim]
+        if not (start >= 0 and count >= 0 and start + count <= size):
+            raise ValueError(
+                f"catalyst_fused: plan member {i} takes {count} slices from index {start} of weights[{t}] along dim {dim} "
+                f"but that dim has size {size}"
+            )
+        if width < 1 or count % width:
+            raise ValueError(f"catalyst_fused: plan member {i} has width {width}; it must be >= 1 and divide its slice count {count}")
+        if not 0 <= seg < len(catalysts):
+            raise ValueError(f"catalyst_fused: plan member {i} refers to catalysts[{seg}] but only {len(catalysts)} catalysts were given")
+        groups = catalysts[seg].shape[0]
+        if not (seg_start >= 0 and seg_start + count // width <= groups):
+            raise ValueError(
+                f"catalyst_fused: plan member {i} maps to {count // width} groups from group {seg_start} of catalysts[{seg}] "
+                f"which has {groups} entries"
+            )
+
+
 NAN_POLICIES = ("propagate", "raise")
 
 

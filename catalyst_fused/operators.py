@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_penalty_args
+from ._validation import check_plan
 from .reference import accumulation_dtype
 
 try:
@@ -58,16 +58,17 @@ def _register() -> None:
     # torch.compile's tracing see.
     @torch.library.register_fake("catalyst_fused::penalty_forward")
     def _penalty_forward_fake(weights, catalysts, plan):
-        check_penalty_args(weights, catalysts, per_row=plan is None)
+        check_plan(weights, catalysts, plan)
         return stats_like(weights, catalysts)
 
     @torch.library.register_fake("catalyst_fused::penalty_backward")
     def _penalty_backward_fake(grad_penalty, weights, catalysts, norms, plan):
+        check_plan(weights, catalysts, plan)
         return [torch.empty_like(w) for w in weights], [torch.empty_like(d) for d in catalysts]
 
     @torch.library.register_fake("catalyst_fused::penalty_accumulate_")
     def _penalty_accumulate_fake(weights, catalysts, weight_grads, catalyst_grads, scale, plan):
-        check_penalty_args(weights, catalysts, per_row=plan is None)
+        check_plan(weights, catalysts, plan)
         return stats_like(weights, catalysts)
 
 

@@ -20,8 +20,10 @@
 namespace catalyst_fused {
 
 // Columns of the member table (an int64 [num_members, kMemberColumns] tensor built by GroupLayout).
-// A member maps slices [start, start + count) of `tensor` along `dim` (0: rows, 1: input columns)
-// onto groups [segment_start, segment_start + count) of catalyst segment `segment`.
+// A member takes slices [start, start + count) of `tensor` along `dim` (0: rows, 1: input columns);
+// `width` >= 1 consecutive slices form one group (count % width == 0): slice start + k belongs to group
+// segment_start + k / width of catalyst segment `segment`, so the member covers groups
+// [segment_start, segment_start + count / width). width = 1 is one slice per group.
 enum MemberColumn : int64_t {
   kMemberTensor = 0,
   kMemberDim = 1,
@@ -29,7 +31,8 @@ enum MemberColumn : int64_t {
   kMemberCount = 3,
   kMemberSegment = 4,
   kMemberSegmentStart = 5,
-  kMemberColumns = 6,
+  kMemberWidth = 6,
+  kMemberColumns = 7,
 };
 
 // c_i = |d_i| / n_i, +inf for an all-zero group.

@@ -73,6 +73,7 @@ MemberGeometry make_member(at::TensorList tensors, const int64_t* row, int64_t i
   m.start = row[kMemberStart];
   m.count = row[kMemberCount];
   m.segment = row[kMemberSegment];
+  m.width = row[kMemberWidth];
   TORCH_CHECK_VALUE(m.tensor >= 0 && m.tensor < static_cast<int64_t>(tensors.size()), "catalyst_fused: plan member ",
                     index, " refers to weights[", m.tensor, "] but only ", tensors.size(), " weights were given");
   const at::Tensor& t = tensors[m.tensor];
@@ -80,9 +81,13 @@ MemberGeometry make_member(at::TensorList tensors, const int64_t* row, int64_t i
                     " has dim ", m.dim, "; only 0 (rows) and 1 (input columns) are supported");
   TORCH_CHECK_VALUE(m.dim < t.dim(), "catalyst_fused: plan member ", index, " slices weights[", m.tensor,
                     "] along dim ", m.dim, " but it has shape ", t.sizes());
-  TORCH_CHECK_VALUE(m.start >= 0 && m.count >= 0 && m.start + m.count <= t.size(m.dim), "catalyst_fused: plan member ",
-                    index, " takes slices [", m.start, ", ", m.start + m.count, ") of weights[", m.tensor,
-                    "] along dim ", m.dim, " but that dim has size ", t.size(m.dim));
+  // Overflow-safe: no sum of two table entries is formed before both are known to be in range.
+  const int64_t size = t.size(m.dim);
+  TORCH_CHECK_VALUE(m.start >= 0 && m.count >= 0 && m.start <= size && m.count <= size - m.start,
+                    "catalyst_fused: plan member ", index, " takes ", m.count, " slices from index ", m.start,
+                    " of weights[", m.tensor, "] along dim ", m.dim, " but that dim has size ", size);
+  TORCH_CHECK_VALUE(m.width >= 1 && m.count % m.width == 0, "catalyst_fused: plan member ", index, " has width ",
+                    m.width, "; it must be >= 1 and divide its slice count ", m.count);
   const auto sizes = t.sizes();
   if (m.dim == 0) {
     m.inner = product(sizes, 1);
@@ -136,7 +141,7 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
       TORCH_CHECK_VALUE(catalysts[i].numel() == tensors[i].size(0), "catalyst_fused: catalysts[", i, "] has ",
                         catalysts[i].numel(), " entries but weights[", i, "] has ", tensors[i].size(0),
                         " channels (dim 0 of shape ", tensors[i].sizes(), ")");
-      const int64_t row[kMemberColumns] = {static_cast<int64_t>(i), 0, 0, tensors[i].size(0), static_cast<int64_t>(i), 0};
+      const int64_t row[kMemberColumns] = {static_cast<int64_t>(i), 0, 0, tensors[i].size(0), static_cast<int64_t>(i), 0, 1};
       plan.members.push_back(make_member(tensors, row, static_cast<int64_t>(i)));
       plan.members.back().group_begin = plan.segment_offsets[i];
     }
@@ -155,10 +160,10 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
       TORCH_CHECK_VALUE(m.segment >= 0 && m.segment < num_segments, "catalyst_fused: plan member ", i,
                         " refers to catalysts[", m.segment, "] but only ", num_segments, " catalysts were given");
       const int64_t segment_start = row[kMemberSegmentStart];
-      TORCH_CHECK_VALUE(segment_start >= 0 && segment_start + m.count <= catalysts[m.segment].numel(),
-                        "catalyst_fused: plan member ", i, " maps to groups [", segment_start, ", ",
-                        segment_start + m.count, ") of catalysts[", m.segment, "] which has ",
-                        catalysts[m.segment].numel(), " entries");
+      const int64_t groups = catalysts[m.segment].numel();
+      TORCH_CHECK_VALUE(segment_start >= 0 && segment_start <= groups && m.groups() <= groups - segment_start,
+                        "catalyst_fused: plan member ", i, " maps to ", m.groups(), " groups from group ", segment_start,
+                        " of catalysts[", m.segment, "] which has ", groups, " entries");
       m.group_begin = plan.segment_offsets[m.segment] + segment_start;
       plan.members.push_back(m);
     }

@@ -23,12 +23,14 @@ struct MemberGeometry {
   int64_t count = 0;          // number of slices
   int64_t segment = 0;
   int64_t group_begin = 0;    // global group index of the member's first slice
+  int64_t width = 1;          // consecutive slices per group: slice start + k is group group_begin + k / width
   int64_t first_offset = 0;   // element offset of slice `start`
   int64_t slice_stride = 0;   // elements between consecutive slices
   int64_t outer = 0;
   int64_t outer_stride = 0;
   int64_t inner = 0;
   int64_t slice_numel() const { return outer * inner; }
+  int64_t groups() const { return count / width; }  // the member covers groups [group_begin, group_begin + groups())
 };
 
 // A run of consecutive groups of one segment (norm pass) or rows of one tensor (gradient pass).

@@ -66,24 +66,60 @@ def test_raw_operator_rejects_bad_plans():
     ops = torch.ops.catalyst_fused
     good = cf.GroupLayout.build(weights, [[cf.Slices(0), cf.Slices(1, dim=1)]]).member_table
     ops.penalty_forward(weights, catalysts, good)
+    big = 2**62
     cases = [
         (good.to(torch.int32), r"plan must be a contiguous int64 CPU tensor"),
-        (good[:, :5].contiguous(), r"plan must be a contiguous int64 CPU tensor"),
-        (torch.tensor([[2, 0, 0, 4, 0, 0]]), r"plan member 0 refers to weights\[2\]"),
-        (torch.tensor([[0, 3, 0, 4, 0, 0]]), r"plan member 0 has dim 3"),
-        (torch.tensor([[0, 0, 1, 4, 0, 0]]), r"takes slices \[1, 5\) of weights\[0\]"),
-        (torch.tensor([[0, 0, 0, 4, 1, 0]]), r"refers to catalysts\[1\]"),
-        (torch.tensor([[0, 0, 0, 4, 0, 1]]), r"maps to groups \[1, 5\) of catalysts\[0\]"),
-        (torch.tensor([[0, 0, 0, -1, 0, 0]]), r"takes slices"),
+        (good[:, :6].contiguous(), r"plan must be a contiguous int64 CPU tensor of shape \[members, 7\]"),
+        (torch.tensor([[2, 0, 0, 4, 0, 0, 1]]), r"plan member 0 refers to weights\[2\]"),
+        (torch.tensor([[0, 3, 0, 4, 0, 0, 1]]), r"plan member 0 has dim 3"),
+        (torch.tensor([[0, 0, 1, 4, 0, 0, 1]]), r"takes 4 slices from index 1 of weights\[0\]"),
+        (torch.tensor([[0, 0, 0, 4, 1, 0, 1]]), r"refers to catalysts\[1\]"),
+        (torch.tensor([[0, 0, 0, 4, 0, 1, 1]]), r"maps to 4 groups from group 1 of catalysts\[0\]"),
+        (torch.tensor([[0, 0, 0, -1, 0, 0, 1]]), r"takes -1 slices"),
+        (torch.tensor([[0, 0, 0, 4, 0, 0, 0]]), r"has width 0"),
+        (torch.tensor([[0, 0, 0, 4, 0, 0, 3]]), r"has width 3; it must be >= 1 and divide its slice count 4"),
+        # values whose sums overflow int64: rejected, never used as offsets
+        (torch.tensor([[0, 0, big, big, 0, 0, 1]]), r"takes 4611686018427387904 slices"),
+        (torch.tensor([[0, 0, 2, 2**63 - 1, 0, 0, 1]]), r"takes 9223372036854775807 slices from index 2"),
+        (torch.tensor([[0, 0, 0, 4, 0, 2**63 - 2, 1]]), r"maps to 4 groups from group 9223372036854775806"),
+        (torch.tensor([[0, 0, 0, 4, 0, -(2**63), 1]]), r"maps to 4 groups"),
+        (torch.tensor([[-(2**63), 0, 0, 4, 0, 0, 1]]), r"refers to weights\[-9223372036854775808\]"),
+        (torch.tensor([[0, 0, 0, 4, 2**63 - 1, 0, 1]]), r"refers to catalysts\[9223372036854775807\]"),
+        (torch.tensor([[0, 0, 0, 4, 0, 0, -(2**63)]]), r"has width -9223372036854775808"),
     ]
     for plan, message in cases:
-        with pytest.raises(ValueError, match=message):
-            ops.penalty_forward(weights, catalysts, plan)
+        for call in (
+            lambda: ops.penalty_forward(weights, catalysts, plan),
+            lambda: ops.penalty_backward(torch.tensor(1.0), weights, catalysts, torch.ones(4), plan),
+            lambda: ops.penalty_accumulate_(weights, catalysts, [torch.zeros_like(x) for x in weights], [torch.zeros(4)], 1.0, plan),
+        ):
+            with pytest.raises(ValueError, match=message):
+                call()
     _, norms, _ = ops.penalty_forward(weights, catalysts, good)
     with pytest.raises(ValueError, match=r"norms must be the contiguous"):
         ops.penalty_backward(torch.tensor(1.0), weights, catalysts, norms[:2], good)
     with pytest.raises(ValueError, match=r"grad_penalty must have one element"):
         ops.penalty_backward(torch.ones(2), weights, catalysts, norms, good)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_fake_functions_check_the_plan():
+    # Meta tensors run the registered fake functions: the same plan checks and messages as the kernels.
+    ops = torch.ops.catalyst_fused
+    weights = [torch.empty(4, 3, device="meta"), torch.empty(5, 4, device="meta")]
+    catalysts = [torch.empty(2, device="meta")]
+    heads = cf.GroupLayout([(4, 3), (5, 4)], [[cf.Slices(0, width=2), cf.Slices(1, dim=1, width=2)]]).member_table
+    assert ops.penalty_forward(weights, catalysts, heads)[1].shape == (2,)
+    for plan, message in [
+        (torch.tensor([[0, 0, 0, 4, 0, 0, 3]]), r"has width 3"),
+        (torch.tensor([[0, 0, 0, 4, 0, 1, 2]]), r"maps to 2 groups from group 1 of catalysts\[0\]"),
+        (torch.tensor([[0, 0, 2**62, 2**62, 0, 0, 1]]), r"takes 4611686018427387904 slices"),
+        (heads[:, :6].contiguous(), r"shape \[members, 7\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ops.penalty_forward(weights, catalysts, plan)
+        with pytest.raises(ValueError, match=message):
+            ops.penalty_accumulate_(weights, catalysts, [torch.empty_like(x) for x in weights], [torch.empty(2, device="meta")], 1.0, plan)
 
 
 def test_bad_options():

@@ -98,6 +98,81 @@ def test_many_segments_and_members():
     check_against_reference(weights, random_catalysts(weights, layout), layout)
 
 
+def attention_heads(dtype=torch.float64, heads=3, head_dim=4, d_model=5):
+    # Head h = rows [h*hd, (h+1)*hd) of q, k and v + input columns [h*hd, (h+1)*hd) of o_proj: one group
+    # per head (width = head_dim); a second segment groups o_proj's output rows with a per-channel gain.
+    inner = heads * head_dim
+    weights = [
+        torch.randn(inner, d_model),  # 0 q_proj
+        torch.randn(inner, d_model),  # 1 k_proj
+        torch.randn(inner, d_model),  # 2 v_proj
+        torch.randn(d_model, inner),  # 3 o_proj
+        torch.randn(d_model),  # 4 a gain on o_proj's outputs
+    ]
+    segments = [
+        [Slices(0, width=head_dim), Slices(1, width=head_dim), Slices(2, width=head_dim), Slices(3, dim=1, width=head_dim)],
+        [Slices(3), Slices(4)],
+    ]
+    return [w.to(dtype) for w in weights], GroupLayout.build(weights, segments)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_head_groups(dtype):
+    weights, layout = attention_heads(dtype)
+    assert layout.segment_sizes == (3, 5)
+    assert layout.member_table.shape == (6, 7) and layout.member_table[:, 6].tolist() == [4, 4, 4, 4, 1, 1]
+    stats = check_against_reference(weights, random_catalysts(weights, layout), layout)
+    w = [x.double() for x in weights]
+    n1 = torch.sqrt(sum(w[i][4:8].square().sum() for i in range(3)) + w[3][:, 4:8].square().sum())
+    torch.testing.assert_close(stats.norms[1].double(), n1, rtol=2e-5, atol=0)
+
+
+def test_width_mixed_with_width_one_in_one_segment():
+    # Segment 0: rows of a in pairs (width 2, offset 1) + 4 single input columns of b + a 1-D tensor c in
+    # triples; groups 0 comes from b and c only. Sub-ranges and offsets on width > 1 members.
+    a, b, c = torch.randn(6, 3, 2), torch.randn(5, 4, 3), torch.randn(12)
+    weights = [x.double() for x in (a, b, c)]
+    layout = GroupLayout.build(
+        weights,
+        [[Slices(0, start=2, count=4, offset=1, width=2), Slices(1, dim=1), Slices(2, width=3)], [Slices(0, count=2), Slices(1)]],
+    )
+    assert layout.segment_sizes == (4, 5)
+    check_against_reference(weights, random_catalysts(weights, layout), layout)
+    w = weights
+    n2 = torch.sqrt(w[0][4:6].square().sum() + w[1][:, 2].square().sum() + w[2][6:9].square().sum())
+    got = cf.penalty(weights, random_catalysts(weights, layout), layout=layout, return_stats=True, backend="reference")
+    torch.testing.assert_close(got.norms[2], n2)
+
+
+def test_width_one_is_the_default():
+    weights, layout = conv_bn_conv(torch.float64)
+    same = GroupLayout.build(weights, [[Slices(0, width=1), Slices(1), Slices(2), Slices(3, dim=1, width=1)], [Slices(3), Slices(4, dim=1)]])
+    assert torch.equal(layout.member_table, same.member_table)
+    assert layout.member_table[:, 6].eq(1).all()
+
+
+def test_huge_offset_is_rejected_without_allocating():
+    with pytest.raises(ValueError, match="group 4 of segment 0 has no slices"):
+        GroupLayout([(4, 3)], [[Slices(0), Slices(0, dim=1, offset=10**15)]])
+    with pytest.raises(ValueError, match="beyond any catalyst vector"):
+        GroupLayout([(4, 3)], [[Slices(0, offset=2**63 - 2)]])
+
+
+@pytest.mark.parametrize(
+    "member, exc, message",
+    [
+        (Slices(0, width=0), ValueError, "width=0; it must be >= 1"),
+        (Slices(0, width=3), ValueError, "takes 4 slices, which is not a multiple of its width 3"),
+        (Slices(0, width=2.0), TypeError, r"segments\[0\]\[0\].width must be an integer"),
+        (Slices(0, offset=True), TypeError, r"offset must be an integer"),
+        (Slices("0"), TypeError, r"tensor must be an integer, got str"),
+    ],
+)
+def test_bad_member_fields(member, exc, message):
+    with pytest.raises(exc, match=message):
+        GroupLayout([(4, 3)], [[member]])
+
+
 @pytest.mark.parametrize(
     "segments, message",
     [

@@ -80,12 +80,19 @@ acc_t norm_pass(const Plan& plan, at::TensorList tensors, at::TensorList catalys
     std::fill(sq + chunk.begin, sq + chunk.end, acc_t(0));
     for (int64_t k = plan.segment_member_offsets[s]; k < plan.segment_member_offsets[s + 1]; ++k) {
       const MemberGeometry& m = plan.members[plan.segment_members[k]];
-      const int64_t first = m.group_begin - seg0;  // member covers local groups [first, first + count)
+      const int64_t first = m.group_begin - seg0;  // member covers local groups [first, first + groups)
       const int64_t lo = std::max(chunk.begin, first);
-      const int64_t hi = std::min(chunk.end, first + m.count);
+      const int64_t hi = std::min(chunk.end, first + m.groups());
       if (lo >= hi) continue;
-      cpu::add_sums_of_squares(weights[m.tensor] + m.first_offset + (lo - first) * m.slice_stride, hi - lo,
-                               m.slice_stride, m.outer, m.outer_stride, m.inner, sq + lo);
+      if (m.width == 1) {
+        cpu::add_sums_of_squares(weights[m.tensor] + m.first_offset + (lo - first) * m.slice_stride, hi - lo,
+                                 m.slice_stride, m.outer, m.outer_stride, m.inner, sq + lo);
+        continue;
+      }
+      for (int64_t k = (lo - first) * m.width; k < (hi - first) * m.width; ++k) {
+        cpu::add_sums_of_squares(weights[m.tensor] + m.first_offset + k * m.slice_stride, 1, m.slice_stride, m.outer,
+                                 m.outer_stride, m.inner, sq + first + k / m.width);
+      }
     }
     const scalar_t* d = cats[s];
     double penalty = 0.0;
@@ -123,7 +130,8 @@ void gradient_pass(const Plan& plan, at::TensorList tensors, at::TensorList cata
   // scale * |d| / n for slice k of member i.
   auto slice_factor = [&](int64_t i, int64_t k) {
     const MemberGeometry& m = plan.members[i];
-    return scale * weight_grad_scale(std::abs(static_cast<acc_t>(member_d[i][k])), norms[m.group_begin + k]);
+    const int64_t j = k / m.width;
+    return scale * weight_grad_scale(std::abs(static_cast<acc_t>(member_d[i][j])), norms[m.group_begin + j]);
   };
   for_each_chunk(plan.grad_chunks, plan.total_elements, [&](int64_t, const Chunk& chunk) {
     const int64_t t = chunk.owner;
