@@ -4,8 +4,9 @@ Everything is ordinary differentiable PyTorch, so gradients come from autograd:
 
 * ``n_i = sqrt(sum of squares over every slice of group i)``, written so that its gradient is exactly 0
   where ``n_i = 0`` (the subgradient convention) and NaN where ``n_i`` is NaN;
-* ``R = sum_i |d_i| * n_i``; autograd of ``abs`` gives ``dR/dd_i = sign(d_i) * n_i`` with ``sign(0) = 0``;
-* ``c_i = |d_i| / n_i``, ``+inf`` where ``n_i = 0``.
+* ``R = sum_i |d_i| * n_i``; its autograd gives ``dR/dd_i = sign(d_i) * n_i`` with ``sign(0) = 0`` and
+  ``sign(NaN) = NaN`` (so a NaN catalyst never gets a finite gradient; ``torch.sign(NaN)`` would be 0);
+* ``c_i = |d_i| / n_i``, ``+inf`` where ``n_i = 0`` (NaN for a NaN catalyst).
 
 Sums run in the accumulation dtype (fp32 for fp16/bf16 inputs); pass fp64 tensors for an exact-as-possible
 reference. :func:`eager_penalty` is the per-layer loop a user would write; benchmarks use it as the eager
@@ -51,9 +52,18 @@ def _sum_of_squares(weights, catalysts, layout):
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
-    # sqrt whose gradient is 0 (not inf * 0 = NaN) at 0; NaN stays NaN.
+    # sqrt whose derivative at 0 is taken as 1 instead of inf: the value is 0 there, and the weights'
+    # gradient (incoming * 1 * 2w, with w = 0) is exactly 0, or NaN when the incoming gradient is NaN/Inf
+    # (a NaN or Inf catalyst), never inf * 0 from the sqrt itself. NaN stays NaN.
     zero = sq == 0
-    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
+    return torch.where(zero, sq, torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
+
+
+def _abs(d: torch.Tensor) -> torch.Tensor:
+    """``|d|`` whose gradient is ``sign(d)`` with ``sign(0) = 0`` and ``sign(NaN) = NaN`` (``torch.abs`` and
+    ``torch.sign`` give 0 at NaN, which would turn a NaN catalyst's gradient into a finite value)."""
+    sign = torch.where(torch.isnan(d), d, torch.sign(d)).detach()
+    return d * sign
 
 
 def group_norms(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], layout: Optional[GroupLayout] = None):
@@ -66,9 +76,12 @@ def penalty_with_stats(weights, catalysts, layout: Optional[GroupLayout] = None)
     weights, catalysts = list(weights), list(catalysts)
     norms = group_norms(weights, catalysts, layout)
     d = torch.cat([c.reshape(-1) for c in catalysts]).to(norms.dtype)
-    value = (d.abs() * norms).sum()
+    value = (_abs(d) * norms).sum()
     n = norms.detach()
-    ratios = torch.where(n == 0, torch.full_like(n, float("inf")), d.detach().abs() / n)
+    abs_d = d.detach().abs()
+    # +inf for an all-zero group, NaN for a NaN catalyst
+    zero_ratio = torch.where(torch.isnan(abs_d), abs_d, torch.full_like(n, float("inf")))
+    ratios = torch.where(n == 0, zero_ratio, abs_d / n)
     return value, n, ratios
 
 

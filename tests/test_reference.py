@@ -79,6 +79,31 @@ def test_nan_and_inf_propagate(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["autograd", "inplace"])
+def test_nan_and_inf_catalysts_propagate(backend, inplace):
+    # NaN catalysts never give finite gradients (torch.sign(NaN) is 0; the reference must not use it), also on
+    # an all-zero group, where the weight gradient's scale is |d| * 0; an Inf catalyst on an all-zero group
+    # gives NaN there too (Inf * 0).
+    w = torch.randn(4, 3, dtype=torch.float64)
+    w[1] = 0
+    w[3] = 0
+    d = torch.tensor([float("nan"), float("nan"), 1.0, float("inf")], dtype=torch.float64)
+    if inplace:
+        ws, ds = [torch.nn.Parameter(w.clone())], [torch.nn.Parameter(d.clone())]
+        stats = cf.penalty_(ws, ds, backend=backend)
+        gw, gd = ws[0].grad, ds[0].grad
+    else:
+        stats, (gw,), (gd,) = run_autograd([w], [d], backend=backend)
+    assert torch.isnan(stats.penalty)
+    assert torch.isnan(gd[0]) and torch.isnan(gd[1])  # sign(NaN) * n
+    assert gd[2] == stats.norms[2] and gd[3] == 0  # sign(inf) * 0
+    assert torch.isnan(gw[0]).all() and torch.isnan(gw[1]).all() and torch.isnan(gw[3]).all()
+    assert torch.isfinite(gw[2]).all()
+    assert torch.isnan(stats.ratios[0]) and torch.isnan(stats.ratios[1])
+    assert stats.ratios[3] == float("inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_policy_raise_names_the_group(backend):
     w = torch.randn(3, 4)
     w[2, 1] = float("nan")
