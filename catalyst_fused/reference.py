@@ -91,7 +91,7 @@ def penalty(weights, catalysts, layout: Optional[GroupLayout] = None) -> torch.T
 
 def penalty_(weights, catalysts, weight_grads, catalyst_grads, scale: float = 1.0, layout: Optional[GroupLayout] = None):
     """Reference of the in-place operator: adds ``scale * dR/dW`` and ``scale * dR/dd`` into the given
-    gradient tensors and returns ``(R, norms, ratios)``."""
+    gradient tensors (``None`` entries: that tensor gets no gradient) and returns ``(R, norms, ratios)``."""
     weights = [w.detach().requires_grad_(True) for w in weights]
     catalysts = [d.detach().requires_grad_(True) for d in catalysts]
     with torch.enable_grad():
@@ -99,7 +99,8 @@ def penalty_(weights, catalysts, weight_grads, catalyst_grads, scale: float = 1.
         grads = torch.autograd.grad(value, weights + catalysts, allow_unused=True, materialize_grads=True)
     with torch.no_grad():
         for g, new in zip(list(weight_grads) + list(catalyst_grads), grads):
-            g.add_(new.to(g.dtype), alpha=scale)
+            if g is not None:
+                g.add_(new.to(g.dtype), alpha=scale)
     return value.detach(), norms, ratios
 
 

@@ -146,3 +146,52 @@ def test_nothing_is_modified_on_error():
         cf.penalty_([weight], [d])
     assert torch.equal(weight.grad, before)
     assert d.grad is None  # no gradient was created for a call that failed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_tensors_are_rejected(backend):
+    # A tied weight or a shared catalyst listed twice would get two gradient writers.
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    d1, d2 = torch.ones(4), torch.ones(4)
+    cases = [
+        ([a, a], [d1, d2], r"weights\[0\] and weights\[1\] share memory"),
+        ([a, b], [d1, d1], r"catalysts\[0\] and catalysts\[1\] share memory"),
+        ([a, a.view(3, 4)[1:].reshape(2, 4)], [d1, torch.ones(2)], r"weights\[0\] and weights\[1\] share memory"),
+        ([b, a.view(-1)[:4]], [d1, a.view(-1)[2:6]], r"weights\[1\] and catalysts\[1\] share memory"),
+    ]
+    for weights, catalysts, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cf.penalty(weights, catalysts, backend=backend)
+    # in place (tied parameters): rejected before any gradient is created
+    p, q = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+    e1, e2 = torch.nn.Parameter(d1.clone()), torch.nn.Parameter(d2.clone())
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        cf.penalty_([p, p], [e1, e2], backend=backend)
+    with pytest.raises(ValueError, match=r"catalysts\[0\] and catalysts\[1\] share memory"):
+        cf.penalty_([p, q], [e1, e1], backend=backend)
+    assert all(x.grad is None for x in (p, q, e1, e2))
+    # disjoint pieces of one storage are fine
+    base = torch.randn(8, 3)
+    cf.penalty([base[:4], base[4:]], [d1, d2], backend=backend)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_raw_operators_reject_duplicates():
+    ops = torch.ops.catalyst_fused
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    d1, d2 = torch.ones(4), torch.ones(4)
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        ops.penalty_forward([a, a], [d1, d2], None)
+    _, norms, _ = ops.penalty_forward([a, b], [d1, d2], None)
+    with pytest.raises(ValueError, match=r"catalysts\[0\] and catalysts\[1\] share memory"):
+        ops.penalty_backward(torch.tensor(1.0), [a, b], [d1, d1], norms, None)
+    g = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"weight_grads\[0\] and weight_grads\[1\] share memory"):
+        ops.penalty_accumulate_([a, b], [d1, d2], [g, g], [torch.zeros(4), torch.zeros(4)], 1.0, None)
+    with pytest.raises(ValueError, match=r"weights\[1\] and weight_grads\[1\] share memory"):
+        ops.penalty_accumulate_([a, b], [d1, d2], [g, b], [torch.zeros(4), torch.zeros(4)], 1.0, None)
+    gd = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"share memory"):
+        ops.penalty_accumulate_([a, b], [d1, d2], [torch.zeros(4, 3), torch.zeros(4, 3)], [gd[:4], gd[2:6]], 1.0, None)
+    with pytest.raises(ValueError, match=r"share memory"):
+        ops.penalty_accumulate_selected_([a, b], [d1, d2], [g, g], [0, 1], [], [], 1.0, None)

@@ -117,6 +117,27 @@ def test_nan_policy_raise_names_the_group(backend):
         cf.penalty([torch.randn(3, 4)], [d], backend=backend, nan_policy="ignore")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_policy_raise_reads_back_once_per_call(backend, monkeypatch):
+    # One host read-back (device sync on a GPU) per call however many segments, when all is finite.
+    weights = [torch.randn(3, 4) for _ in range(20)]
+    catalysts = [torch.nn.Parameter(torch.ones(3)) for _ in range(20)]
+    reads = []
+    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cf.penalty(weights, catalysts, backend=backend, nan_policy="raise")
+    assert len(reads) == 1, reads
+    reads.clear()
+    cf.penalty_(weights, catalysts, backend=backend, nan_policy="raise")
+    assert len(reads) == 1, reads
+
+
 def test_init_catalysts_puts_every_channel_at_c0():
     w = torch.randn(10, 3, 3, 3) * torch.logspace(-3, 2, 10).view(10, 1, 1, 1)  # magnitudes over 5 decades
     (d,) = cf.init_catalysts([w], c0=1.5)

@@ -127,13 +127,144 @@ inline double sum_of_squares<double, double>(const double* p, int64_t n) {
   return vector_sum_of_squares<f64x8, f64x4, f64x2>(p, n);
 }
 
+// ---- Squares of a row added into per-element accumulators, and the row's own sum, in one read ----------
+
+// Generic (fp16/bf16 rows, fp32 accumulation): kLanes independent row sums the compiler keeps in vector
+// registers; elem[j] += x_j^2 is an elementwise vector update.
 template <typename scalar_t, typename acc_t>
-inline void add_sums_of_squares_impl(const scalar_t* base, int64_t count, int64_t slice_stride, int64_t outer,
-                                     int64_t outer_stride, int64_t inner, acc_t* sq) {
-  // Outer loop over runs: for input columns this reads each row of the tensor front to back.
-  for (int64_t o = 0; o < outer; ++o) {
-    const scalar_t* row = base + o * outer_stride;
-    for (int64_t j = 0; j < count; ++j) sq[j] += sum_of_squares<scalar_t, acc_t>(row + j * slice_stride, inner);
+inline acc_t squares_into(const scalar_t* __restrict__ p, int64_t n, acc_t* __restrict__ elem) {
+  acc_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(p[i + l]);
+      const acc_t q = v * v;
+      elem[i + l] += q;
+      acc[l] += q;
+    }
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  acc_t total = acc[0];
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(p[i]);
+    const acc_t q = v * v;
+    elem[i] += q;
+    total += q;
+  }
+  return total;
+}
+
+// Adds x^2 of p[i, i + width of vec_t) into elem and acc; i advanced.
+template <typename vec_t, typename scalar_t>
+inline void add_block_into(const scalar_t* p, scalar_t* elem, int64_t n, int64_t& i, vec_t& acc) {
+  constexpr int width = sizeof(vec_t) / sizeof(scalar_t);
+  if (i + width <= n) {
+    vec_t x, e;
+    std::memcpy(&x, p + i, sizeof(vec_t));
+    std::memcpy(&e, elem + i, sizeof(vec_t));
+    const vec_t q = x * x;
+    e += q;
+    std::memcpy(elem + i, &e, sizeof(vec_t));
+    acc += q;
+    i += width;
+  }
+}
+
+// fp32/fp64 rows: GCC vector types (the widest registers of each multi-versioned clone).
+template <typename full_t, typename half_t, typename quarter_t, typename scalar_t>
+inline scalar_t vector_squares_into(const scalar_t* p, int64_t n, scalar_t* elem) {
+  constexpr int width = sizeof(full_t) / sizeof(scalar_t);
+  full_t a0 = {}, a1 = {};
+  int64_t i = 0;
+  for (; i + 2 * width <= n; i += 2 * width) {
+    full_t x0, x1, e0, e1;
+    std::memcpy(&x0, p + i, sizeof(full_t));
+    std::memcpy(&x1, p + i + width, sizeof(full_t));
+    std::memcpy(&e0, elem + i, sizeof(full_t));
+    std::memcpy(&e1, elem + i + width, sizeof(full_t));
+    const full_t q0 = x0 * x0;
+    const full_t q1 = x1 * x1;
+    e0 += q0;
+    e1 += q1;
+    std::memcpy(elem + i, &e0, sizeof(full_t));
+    std::memcpy(elem + i + width, &e1, sizeof(full_t));
+    a0 += q0;
+    a1 += q1;
+  }
+  add_block_into(p, elem, n, i, a0);
+  half_t h = {};
+  quarter_t q = {};
+  add_block_into(p, elem, n, i, h);
+  add_block_into(p, elem, n, i, q);
+  scalar_t total = horizontal_sum(a0 + a1) + horizontal_sum(h) + horizontal_sum(q);
+  for (; i < n; ++i) {
+    const scalar_t sq = p[i] * p[i];
+    elem[i] += sq;
+    total += sq;
+  }
+  return total;
+}
+
+template <>
+inline float squares_into<float, float>(const float* __restrict__ p, int64_t n, float* __restrict__ elem) {
+  return vector_squares_into<f32x16, f32x8, f32x4>(p, n, elem);
+}
+
+template <>
+inline double squares_into<double, double>(const double* __restrict__ p, int64_t n, double* __restrict__ elem) {
+  return vector_squares_into<f64x8, f64x4, f64x2>(p, n, elem);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_sum_squares_impl(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out) {
+  if (len == 1) {  // BN scales and biases: one element per group
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t v = static_cast<acc_t>(w[r]);
+      row_out[r] = v * v;
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) row_out[r] = sum_of_squares<scalar_t, acc_t>(w + r * len, len);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_cols_sum_squares_impl(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out,
+                                       acc_t* elem_acc) {
+  for (int64_t r = 0; r < rows; ++r) row_out[r] = squares_into<scalar_t, acc_t>(w + r * len, len, elem_acc);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_scale_impl(scalar_t* __restrict__ out, const scalar_t* __restrict__ w, int64_t rows, int64_t len,
+                            const acc_t* __restrict__ row_factor, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t f = row_factor[r];
+    scalar_t* __restrict__ o = out + r * len;
+    const scalar_t* __restrict__ x = w + r * len;
+    if (accumulate) {
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) + f * static_cast<acc_t>(x[j]));
+    } else {
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(f * static_cast<acc_t>(x[j]));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_cols_scale_impl(scalar_t* __restrict__ out, const scalar_t* __restrict__ w, int64_t rows,
+                                 int64_t len, const acc_t* __restrict__ row_factor,
+                                 const acc_t* __restrict__ col_factor, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t f = row_factor[r];
+    scalar_t* __restrict__ o = out + r * len;
+    const scalar_t* __restrict__ x = w + r * len;
+    if (accumulate) {
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) + (f + col_factor[j]) * static_cast<acc_t>(x[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>((f + col_factor[j]) * static_cast<acc_t>(x[j]));
+    }
   }
 }
 
@@ -147,9 +278,20 @@ inline void add_sums_of_squares_impl(const scalar_t* base, int64_t count, int64_
 #endif
 
 #define CF_DEFINE_LEAF_KERNELS(scalar_t, acc_t)                                                                   \
-  CF_MULTIVERSION void add_sums_of_squares(const scalar_t* base, int64_t count, int64_t slice_stride,           \
-                                           int64_t outer, int64_t outer_stride, int64_t inner, acc_t* sq) {      \
-    add_sums_of_squares_impl<scalar_t, acc_t>(base, count, slice_stride, outer, outer_stride, inner, sq);        \
+  CF_MULTIVERSION void rows_sum_squares(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out) {         \
+    rows_sum_squares_impl<scalar_t, acc_t>(w, rows, len, row_out);                                              \
+  }                                                                                                             \
+  CF_MULTIVERSION void rows_cols_sum_squares(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out,      \
+                                             acc_t* elem_acc) {                                                 \
+    rows_cols_sum_squares_impl<scalar_t, acc_t>(w, rows, len, row_out, elem_acc);                               \
+  }                                                                                                             \
+  CF_MULTIVERSION void rows_scale(scalar_t* out, const scalar_t* w, int64_t rows, int64_t len,                  \
+                                  const acc_t* row_factor, bool accumulate) {                                   \
+    rows_scale_impl<scalar_t, acc_t>(out, w, rows, len, row_factor, accumulate);                                \
+  }                                                                                                             \
+  CF_MULTIVERSION void rows_cols_scale(scalar_t* out, const scalar_t* w, int64_t rows, int64_t len,             \
+                                       const acc_t* row_factor, const acc_t* col_factor, bool accumulate) {     \
+    rows_cols_scale_impl<scalar_t, acc_t>(out, w, rows, len, row_factor, col_factor, accumulate);               \
   }                                                                                                             \
   CF_MULTIVERSION void scale_store(scalar_t* out, const scalar_t* w, acc_t factor, int64_t n) {                  \
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(factor * static_cast<acc_t>(w[i]));           \
