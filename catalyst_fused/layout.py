@@ -77,6 +77,8 @@ class GroupLayout:
         # Checked before anything of a segment's size is allocated: a huge offset leaves groups uncovered.
         self._check_coverage(rows)
         self.member_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, MEMBER_COLUMNS)
+        # The same rows as Python ints: (tensor, dim, start, count, segment, segment_start, width).
+        self.members = tuple(tuple(row) for row in rows)
 
     @classmethod
     def build(cls, weights: Sequence[torch.Tensor], segments: Sequence[Sequence[Slices | tuple]]) -> "GroupLayout":

@@ -9,8 +9,8 @@ Everything is ordinary differentiable PyTorch, so gradients come from autograd:
 * ``c_i = |d_i| / n_i``, ``+inf`` where ``n_i = 0`` (NaN for a NaN catalyst).
 
 Sums run in the accumulation dtype (fp32 for fp16/bf16 inputs); pass fp64 tensors for an exact-as-possible
-reference. :func:`eager_penalty` is the per-layer loop a user would write; benchmarks use it as the eager
-baseline.
+reference. :func:`eager_penalty` and :func:`eager_group_penalty` are the loops a user would write (per
+layer; per segment of a layout); benchmarks use them as the eager baselines and compile them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ import torch
 
 from .layout import GroupLayout
 
-__all__ = ["accumulation_dtype", "group_norms", "penalty_with_stats", "penalty", "penalty_", "eager_penalty"]
+__all__ = [
+    "accumulation_dtype",
+    "group_norms",
+    "penalty_with_stats",
+    "penalty",
+    "penalty_",
+    "eager_penalty",
+    "eager_group_penalty",
+]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,7 +40,7 @@ def _members(weights: Sequence[torch.Tensor], layout: Optional[GroupLayout]):
     """(tensor, dim, start, count, segment, segment_start, width) rows; per-row layout when ``layout`` is None."""
     if layout is None:
         return [(i, 0, 0, w.shape[0], i, 0, 1) for i, w in enumerate(weights)]
-    return [tuple(int(v) for v in row) for row in layout.member_table.tolist()]
+    return layout.members
 
 
 def _sum_of_squares(weights, catalysts, layout):
@@ -109,4 +117,22 @@ def eager_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Ten
     total = 0
     for w, d in zip(weights, catalysts):
         total = total + (d.abs() * torch.linalg.vector_norm(w.flatten(1) if w.dim() > 1 else w[:, None], dim=1)).sum()
+    return total
+
+
+def eager_group_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], layout: GroupLayout) -> torch.Tensor:
+    """The loop a user would write for a :class:`GroupLayout`: per segment, the squares of every member's
+    slices summed per group and padded to the segment's size, then ``sum |d| * sqrt(...)`` (the eager
+    benchmark baseline for group layouts; plain ``sqrt``, so an all-zero group gives NaN gradients)."""
+    total = 0
+    for s, d in enumerate(catalysts):
+        sq = None
+        for t, dim, start, count, seg, offset, width in layout.members:
+            if seg != s or count == 0:
+                continue
+            slices = weights[t].narrow(dim, start, count).movedim(dim, 0)
+            part = slices.reshape(count // width, -1).square().sum(1)
+            part = torch.nn.functional.pad(part, (offset, d.shape[0] - offset - count // width))
+            sq = part if sq is None else sq + part
+        total = total + (d.abs() * sq.sqrt()).sum()
     return total

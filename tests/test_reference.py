@@ -25,6 +25,21 @@ def test_reference_matches_eager_loop():
         torch.testing.assert_close(a, b)
 
 
+def test_eager_group_loop_matches_reference():
+    from test_layout import attention_heads, conv_bn_conv
+
+    for weights, layout in (conv_bn_conv(), attention_heads()):
+        catalysts = random_catalysts(weights, layout)
+        ref, rw, rd = run_autograd(weights, catalysts, layout, backend="reference")
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        ds = [d.clone().requires_grad_(True) for d in catalysts]
+        eager = cf.reference.eager_group_penalty(ws, ds, layout)
+        eager.backward()
+        torch.testing.assert_close(ref.penalty, eager.detach())
+        for a, b in zip(rw + rd, [w.grad for w in ws] + [d.grad for d in ds]):
+            torch.testing.assert_close(a, b)
+
+
 def test_reference_matches_closed_form():
     w = torch.randn(6, 4, 3, dtype=torch.float64)
     d = torch.randn(6, dtype=torch.float64)
