@@ -183,9 +183,13 @@ void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>
 }
 
 
-Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
+void validate_tensors(at::TensorList tensors, at::TensorList catalysts) {
   check_tensors(tensors, catalysts);
   check_distinct({{"weights", tensors}, {"catalysts", catalysts}});
+}
+
+Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
+  validate_tensors(tensors, catalysts);
   Plan plan;
   const int64_t num_segments = static_cast<int64_t>(catalysts.size());
   plan.segment_offsets.assign(num_segments + 1, 0);

@@ -87,6 +87,11 @@ std::string dtype_name(at::ScalarType t);
 // Elements per unit of parallel work. Tests use sizes around it (see tests/test_penalty_cpu.py).
 constexpr int64_t kChunkElements = int64_t(1) << 15;
 
+// The checks of build_plan that depend on the tensors themselves rather than on their shapes and the member
+// table (dtype, device, rank, contiguity, shared memory): what a caller that reuses a plan built for the
+// same shapes and table must still run on every call.
+void validate_tensors(at::TensorList tensors, at::TensorList catalysts);
+
 // Validates every argument (messages name `weights[i]`, `catalysts[i]`, `plan`; duplicates among weights
 // and catalysts included) and builds the plan.
 // `plan` undefined means the per-row layout: tensor i's rows are the groups of catalyst segment i.

@@ -195,3 +195,29 @@ def test_raw_operators_reject_duplicates():
         ops.penalty_accumulate_([a, b], [d1, d2], [torch.zeros(4, 3), torch.zeros(4, 3)], [gd[:4], gd[2:6]], 1.0, None)
     with pytest.raises(ValueError, match=r"share memory"):
         ops.penalty_accumulate_selected_([a, b], [d1, d2], [g, g], [0, 1], [], [], 1.0, None)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_reused_plans_still_check_every_call():
+    # The CPU operators keep plans for shapes and member tables they have seen: a changed table (even the
+    # same tensor edited in place), a bad table or bad tensors with the same shapes must still be caught.
+    ops = torch.ops.catalyst_fused
+    weights, catalysts = [w(4, 3), w(5, 4)], [torch.ones(4), torch.ones(5)]
+    layout = cf.GroupLayout.build(weights, [[cf.Slices(0), cf.Slices(1, dim=1)], [cf.Slices(1)]])
+    table = layout.member_table.clone()
+    first = ops.penalty_forward(weights, catalysts, table)
+    assert torch.equal(ops.penalty_forward(weights, catalysts, table)[1], first[1])
+    table[1, 3] = 2  # member 1 now takes 2 input columns: groups 2 and 3 of segment 0 lose them
+    changed = ops.penalty_forward(weights, catalysts, table)[1]
+    assert not torch.equal(changed[:4], first[1][:4])
+    torch.testing.assert_close(changed[2:4], weights[0][2:4].norm(dim=1))
+    table[1, 3] = 7  # out of range
+    with pytest.raises(ValueError, match=r"plan member 1 takes 7 slices"):
+        ops.penalty_forward(weights, catalysts, table)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be contiguous"):
+        ops.penalty_forward([weights[0], weights[1].t().contiguous().t()], catalysts, layout.member_table)
+    with pytest.raises(TypeError, match=r"weights\[1\] has dtype torch.float64"):
+        ops.penalty_forward([weights[0], weights[1].double()], catalysts, layout.member_table)
+    base = torch.randn(32)
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        ops.penalty_forward([base[:12].view(4, 3), base[10:30].view(5, 4)], catalysts, layout.member_table)

@@ -32,6 +32,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -120,6 +123,70 @@ Schedule make_schedule(const Plan& plan, at::TensorList tensors) {
   }
   s.parts.push_back(B);
   return s;
+}
+
+// ---- Plans reused between calls -------------------------------------------------------------------------
+//
+// A training step calls the operators with the same shapes and member table every time: the plan (slice
+// maps, chunks) and the schedule are kept for the last few (shapes, table, thread count) seen, so that a
+// call only validates its tensors (validate_tensors: dtype, device, contiguity, shared memory) and compares
+// the key. A plan is rebuilt (and so re-validated in full) whenever any of it differs.
+struct Prepared {
+  std::vector<int64_t> shape_key;  // [T, S, threads, dims and sizes of every tensor, numel of every catalyst]
+  std::vector<int64_t> table;      // the member table's content (empty: per-row layout)
+  bool has_table = false;
+  Plan plan;
+  Schedule schedule;
+};
+
+std::vector<int64_t> shape_key(at::TensorList tensors, at::TensorList catalysts) {
+  std::vector<int64_t> key = {static_cast<int64_t>(tensors.size()), static_cast<int64_t>(catalysts.size()),
+                              static_cast<int64_t>(at::get_num_threads())};
+  for (const at::Tensor& t : tensors) {
+    key.push_back(t.dim());
+    key.insert(key.end(), t.sizes().begin(), t.sizes().end());
+  }
+  for (const at::Tensor& d : catalysts) key.push_back(d.numel());
+  return key;
+}
+
+constexpr size_t kKeptPlans = 8;
+
+std::shared_ptr<const Prepared> prepare(at::TensorList tensors, at::TensorList catalysts,
+                                        const c10::optional<at::Tensor>& plan_table) {
+  static std::mutex mutex;
+  static std::vector<std::shared_ptr<const Prepared>> kept;  // most recently used first
+  validate_tensors(tensors, catalysts);
+  const bool has_table = plan_table.has_value() && plan_table->defined();
+  const bool readable_table = has_table && plan_table->device().is_cpu() && plan_table->scalar_type() == at::kLong &&
+                              plan_table->dim() == 2 && plan_table->is_contiguous();
+  std::vector<int64_t> key = shape_key(tensors, catalysts);
+  if (!has_table || readable_table) {
+    const int64_t* table = readable_table ? plan_table->const_data_ptr<int64_t>() : nullptr;
+    const size_t table_size = readable_table ? static_cast<size_t>(plan_table->numel()) : 0;
+    std::lock_guard<std::mutex> lock(mutex);
+    for (size_t i = 0; i < kept.size(); ++i) {
+      const Prepared& p = *kept[i];
+      if (p.has_table != has_table || p.shape_key != key || p.table.size() != table_size) continue;
+      if (table_size > 0 && std::memcmp(p.table.data(), table, table_size * sizeof(int64_t)) != 0) continue;
+      std::shared_ptr<const Prepared> hit = kept[i];
+      std::rotate(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(i), kept.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      return hit;
+    }
+  }
+  auto made = std::make_shared<Prepared>();
+  made->plan = build_plan(tensors, catalysts, plan_table);  // full validation
+  made->schedule = make_schedule(made->plan, tensors);
+  made->shape_key = std::move(key);
+  made->has_table = has_table;
+  if (has_table) {
+    const int64_t* table = plan_table->const_data_ptr<int64_t>();
+    made->table.assign(table, table + plan_table->numel());
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  kept.insert(kept.begin(), made);
+  if (kept.size() > kKeptPlans) kept.pop_back();
+  return made;
 }
 
 // body(part, first block, end block) for every part, in parallel when the call is large enough.
@@ -419,8 +486,9 @@ void gradient_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward_cpu(at::TensorList tensors, at::TensorList catalysts,
                                                                      const c10::optional<at::Tensor>& plan_table) {
-  const Plan plan = build_plan(tensors, catalysts, plan_table);
-  const Schedule schedule = make_schedule(plan, tensors);
+  const auto prepared = prepare(tensors, catalysts, plan_table);
+  const Plan& plan = prepared->plan;
+  const Schedule& schedule = prepared->schedule;
   const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   const auto options = tensors[0].options().dtype(acc_type);
   at::Tensor norms = at::empty({plan.num_groups}, options);
@@ -448,12 +516,13 @@ void check_norms(const at::Tensor& norms, const Plan& plan, at::ScalarType acc_t
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> penalty_backward_cpu(
     const at::Tensor& grad_penalty, at::TensorList tensors, at::TensorList catalysts, const at::Tensor& norms,
     const c10::optional<at::Tensor>& plan_table) {
-  const Plan plan = build_plan(tensors, catalysts, plan_table);
+  const auto prepared = prepare(tensors, catalysts, plan_table);
+  const Plan& plan = prepared->plan;
+  const Schedule& schedule = prepared->schedule;
   const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   check_norms(norms, plan, acc_type);
   TORCH_CHECK_VALUE(grad_penalty.numel() == 1, "catalyst_fused: grad_penalty must have one element, got shape ",
                     grad_penalty.sizes());
-  const Schedule schedule = make_schedule(plan, tensors);
   std::vector<at::Tensor> weight_grads = cpu::recycled_gradients(tensors);
   std::vector<at::Tensor> catalyst_grads;
   catalyst_grads.reserve(catalysts.size());
@@ -484,8 +553,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> penalty_backward_cp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate(at::TensorList tensors, at::TensorList catalysts,
                                                           at::TensorList weight_grads, at::TensorList catalyst_grads,
                                                           at::IntArrayRef weight_index, at::IntArrayRef catalyst_index,
-                                                          double scale, const Plan& plan) {
-  const Schedule schedule = make_schedule(plan, tensors);
+                                                          double scale, const Plan& plan, const Schedule& schedule) {
   const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
   const auto options = tensors[0].options().dtype(acc_type);
   at::Tensor norms = at::empty({plan.num_groups}, options);
@@ -511,24 +579,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_cpu(at::Tensor
                                                                         at::TensorList weight_grads,
                                                                         at::TensorList catalyst_grads, double scale,
                                                                         const c10::optional<at::Tensor>& plan_table) {
-  const Plan plan = build_plan(tensors, catalysts, plan_table);
+  const auto prepared = prepare(tensors, catalysts, plan_table);
   check_grads(weight_grads, tensors, "weight_grads", "weights");
   check_grads(catalyst_grads, catalysts, "catalyst_grads", "catalysts");
   check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", weight_grads},
                   {"catalyst_grads", catalyst_grads}});
-  return accumulate(tensors, catalysts, weight_grads, catalyst_grads, {}, {}, scale, plan);
+  return accumulate(tensors, catalysts, weight_grads, catalyst_grads, {}, {}, scale, prepared->plan, prepared->schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_selected_cpu(
     at::TensorList tensors, at::TensorList catalysts, at::TensorList weight_grads, at::IntArrayRef weight_index,
     at::TensorList catalyst_grads, at::IntArrayRef catalyst_index, double scale,
     const c10::optional<at::Tensor>& plan_table) {
-  const Plan plan = build_plan(tensors, catalysts, plan_table);
+  const auto prepared = prepare(tensors, catalysts, plan_table);
   check_selection(weight_grads, weight_index, tensors, "weight_grads", "weight_index", "weights");
   check_selection(catalyst_grads, catalyst_index, catalysts, "catalyst_grads", "catalyst_index", "catalysts");
   check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", weight_grads},
                   {"catalyst_grads", catalyst_grads}});
-  return accumulate(tensors, catalysts, weight_grads, catalyst_grads, weight_index, catalyst_index, scale, plan);
+  return accumulate(tensors, catalysts, weight_grads, catalyst_grads, weight_index, catalyst_index, scale,
+                    prepared->plan, prepared->schedule);
 }
 
 }  // namespace
