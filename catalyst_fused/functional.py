@@ -26,6 +26,7 @@ __all__ = [
     "penalty_",
     "group_norms",
     "init_catalysts",
+    "release_cached_memory",
     "resolve_backend",
     "split_per_weight",
 ]
@@ -267,3 +268,12 @@ def init_catalysts(
 def split_per_weight(flat: torch.Tensor, catalysts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Cuts a flat per-group vector (``PenaltyStats.norms`` or ``.ratios``) into one view per catalyst."""
     return list(torch.split(flat, [d.shape[0] for d in catalysts]))
+
+
+def release_cached_memory() -> None:
+    """Frees the memory the C++ CPU kernels keep between calls so that training steps allocate nothing:
+    scratch buffers (at most a sixteenth of the weights' size, plus per-group vectors) and the gradient
+    buffers of recent autograd backward calls that nothing references any more (up to one set of weight
+    gradients per call site). Kept memory is reused automatically; call this after training to return it."""
+    if operators.cpp_available():
+        torch.ops.catalyst_fused.release_cached_memory()

@@ -246,8 +246,8 @@ GROUP_CASES = {
     "convs": dict(shapes=[(24, 3, 3, 3), (40, 24, 3, 3), (16, 40, 1, 1)], classifier=(10, 16)),
     # column tensors with rows around the 16-row minimum (L = 4096: 8 rows would make a chunk)
     "rows_around_min_block": dict(shapes=[(15, 7), (16, 15, 16, 16), (17, 16, 16, 16), (33, 17, 16, 16)], bn=False),
-    # short rows: blocks of CHUNK // 9 = 3641 rows, tensors just around it
-    "rows_around_chunk": dict(shapes=[(3, 1, 3, 3), (3640, 3, 3, 1), (5, 3640, 1, 3), (3, 5, 3, 3)], bn=False),
+    # short rows: blocks of ceil(CHUNK / 9) = 3641 rows (3642 rows: two blocks) and ceil(CHUNK / 18) = 1821
+    "rows_around_chunk": dict(shapes=[(3, 1, 3, 3), (3642, 3, 3, 1), (2, 3642, 1, 1), (3641, 2, 3, 3)], bn=False),
     # wide linear columns (inner = 1, 3000 columns) and narrow ones
     "wide_and_narrow_columns": dict(shapes=[(3000, 7), (20, 3000), (2, 20, 3, 3)], classifier=(5, 2)),
     # width > 1 on every member (heads of 4 channels)
