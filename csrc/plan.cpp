@@ -123,7 +123,6 @@ void cut(std::vector<Chunk>& chunks, int64_t owner, int64_t items, int64_t eleme
   for (int64_t b = 0; b < items; b += per_chunk) chunks.push_back({owner, b, std::min(items, b + per_chunk)});
 }
 
-
 // Fills the slice maps; a slice taken by two members is an error (it would belong to two groups).
 void build_slice_maps(at::TensorList tensors, Plan& plan) {
   const int64_t T = static_cast<int64_t>(tensors.size());
@@ -181,7 +180,6 @@ void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>
                       "or two gradient writers would race");
   }
 }
-
 
 void validate_tensors(at::TensorList tensors, at::TensorList catalysts) {
   check_tensors(tensors, catalysts);
