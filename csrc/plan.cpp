@@ -170,7 +170,8 @@ void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>
       spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), name, i});
     }
   }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  // stable: of two spans that start together, the one listed first is named first
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t k = 1; k < spans.size(); ++k) {
     const Span& a = spans[k - 1];
     const Span& b = spans[k];
@@ -181,9 +182,9 @@ void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>
   }
 }
 
-void validate_tensors(at::TensorList tensors, at::TensorList catalysts) {
+void validate_tensors(at::TensorList tensors, at::TensorList catalysts, bool check_memory) {
   check_tensors(tensors, catalysts);
-  check_distinct({{"weights", tensors}, {"catalysts", catalysts}});
+  if (check_memory) check_distinct({{"weights", tensors}, {"catalysts", catalysts}});
 }
 
 Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
@@ -277,15 +278,16 @@ void check_grad(const at::Tensor& grad, const at::Tensor& like, const char* name
 
 }  // namespace
 
-void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name) {
+void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name,
+                 bool check_memory) {
   TORCH_CHECK_VALUE(grads.size() == like.size(), "catalyst_fused: got ", grads.size(), " ", name, " for ",
                     like.size(), " ", like_name);
   for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], like[i], name, i, like_name, i);
-  check_distinct({{like_name, like}, {name, grads}});
+  if (check_memory) check_distinct({{like_name, like}, {name, grads}});
 }
 
 void check_selection(at::TensorList grads, at::IntArrayRef index, at::TensorList like, const char* name,
-                     const char* index_name, const char* like_name) {
+                     const char* index_name, const char* like_name, bool check_memory) {
   TORCH_CHECK_VALUE(grads.size() == index.size(), "catalyst_fused: got ", grads.size(), " ", name, " but ",
                     index.size(), " entries in ", index_name);
   for (size_t k = 0; k < index.size(); ++k) {
@@ -297,7 +299,7 @@ void check_selection(at::TensorList grads, at::IntArrayRef index, at::TensorList
   for (size_t k = 0; k < index.size(); ++k) {
     check_grad(grads[k], like[index[k]], name, k, like_name, static_cast<size_t>(index[k]));
   }
-  check_distinct({{like_name, like}, {name, grads}});
+  if (check_memory) check_distinct({{like_name, like}, {name, grads}});
 }
 
 }  // namespace catalyst_fused

@@ -69,7 +69,10 @@ at::ScalarType accumulation_dtype(at::ScalarType t);
 
 // Checks that `grads` (named `name`) match `like` (named `like_name`) in count, shape, dtype and device
 // and are contiguous: the gradient buffers of the in-place operator.
-void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name);
+// With check_memory, also that no two of `grads` and `like` share memory (check_distinct); a caller that
+// checks all its lists at once passes false.
+void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name,
+                 bool check_memory = true);
 
 // Rejects tensors that share memory (a tied weight or a catalyst listed twice, a gradient buffer aliasing
 // another): two writers would race on one gradient element. `lists` names each list ("weights", ...).
@@ -79,7 +82,7 @@ void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>
 // `grads[k]` is the gradient buffer of `like[index[k]]`: index strictly increasing and in range, one
 // entry per buffer; each buffer checked as check_grads does.
 void check_selection(at::TensorList grads, at::IntArrayRef index, at::TensorList like, const char* name,
-                     const char* index_name, const char* like_name);
+                     const char* index_name, const char* like_name, bool check_memory = true);
 
 // dtype as Python spells it ("torch.float32"), so that C++ and Python errors read the same.
 std::string dtype_name(at::ScalarType t);
@@ -90,7 +93,7 @@ constexpr int64_t kChunkElements = int64_t(1) << 15;
 // The checks of build_plan that depend on the tensors themselves rather than on their shapes and the member
 // table (dtype, device, rank, contiguity, shared memory): what a caller that reuses a plan built for the
 // same shapes and table must still run on every call.
-void validate_tensors(at::TensorList tensors, at::TensorList catalysts);
+void validate_tensors(at::TensorList tensors, at::TensorList catalysts, bool check_memory = true);
 
 // Validates every argument (messages name `weights[i]`, `catalysts[i]`, `plan`; duplicates among weights
 // and catalysts included) and builds the plan.

@@ -152,11 +152,12 @@ std::vector<int64_t> shape_key(at::TensorList tensors, at::TensorList catalysts)
 
 constexpr size_t kKeptPlans = 8;
 
+// check_memory=false: the caller runs check_distinct over all its tensor lists itself.
 std::shared_ptr<const Prepared> prepare(at::TensorList tensors, at::TensorList catalysts,
-                                        const c10::optional<at::Tensor>& plan_table) {
+                                        const c10::optional<at::Tensor>& plan_table, bool check_memory = true) {
   static std::mutex mutex;
   static std::vector<std::shared_ptr<const Prepared>> kept;  // most recently used first
-  validate_tensors(tensors, catalysts);
+  validate_tensors(tensors, catalysts, check_memory);
   const bool has_table = plan_table.has_value() && plan_table->defined();
   const bool readable_table = has_table && plan_table->device().is_cpu() && plan_table->scalar_type() == at::kLong &&
                               plan_table->dim() == 2 && plan_table->is_contiguous();
@@ -579,9 +580,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_cpu(at::Tensor
                                                                         at::TensorList weight_grads,
                                                                         at::TensorList catalyst_grads, double scale,
                                                                         const c10::optional<at::Tensor>& plan_table) {
-  const auto prepared = prepare(tensors, catalysts, plan_table);
-  check_grads(weight_grads, tensors, "weight_grads", "weights");
-  check_grads(catalyst_grads, catalysts, "catalyst_grads", "catalysts");
+  const auto prepared = prepare(tensors, catalysts, plan_table, /*check_memory=*/false);
+  check_grads(weight_grads, tensors, "weight_grads", "weights", false);
+  check_grads(catalyst_grads, catalysts, "catalyst_grads", "catalysts", false);
   check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", weight_grads},
                   {"catalyst_grads", catalyst_grads}});
   return accumulate(tensors, catalysts, weight_grads, catalyst_grads, {}, {}, scale, prepared->plan, prepared->schedule);
@@ -591,9 +592,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_selected_cpu(
     at::TensorList tensors, at::TensorList catalysts, at::TensorList weight_grads, at::IntArrayRef weight_index,
     at::TensorList catalyst_grads, at::IntArrayRef catalyst_index, double scale,
     const c10::optional<at::Tensor>& plan_table) {
-  const auto prepared = prepare(tensors, catalysts, plan_table);
-  check_selection(weight_grads, weight_index, tensors, "weight_grads", "weight_index", "weights");
-  check_selection(catalyst_grads, catalyst_index, catalysts, "catalyst_grads", "catalyst_index", "catalysts");
+  const auto prepared = prepare(tensors, catalysts, plan_table, /*check_memory=*/false);
+  check_selection(weight_grads, weight_index, tensors, "weight_grads", "weight_index", "weights", false);
+  check_selection(catalyst_grads, catalyst_index, catalysts, "catalyst_grads", "catalyst_index", "catalysts", false);
   check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", weight_grads},
                   {"catalyst_grads", catalyst_grads}});
   return accumulate(tensors, catalysts, weight_grads, catalyst_grads, weight_index, catalyst_index, scale,
