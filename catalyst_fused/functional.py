@@ -202,8 +202,9 @@ def penalty_(
         catalyst_grads = [catalysts[j].grad for j in catalyst_index]
         everything = len(weight_index) == len(weights) and len(catalyst_index) == len(catalysts)
         plan = None if layout is None else layout.member_table
+        if impl != "cpp":  # the C++ operators check the gradient buffers themselves
+            check_distinct(weights=weights, catalysts=catalysts, weight_grads=weight_grads, catalyst_grads=catalyst_grads)
         if impl == "reference":
-            check_distinct(weight_grads=weight_grads, catalyst_grads=catalyst_grads)
             full_w = [None] * len(weights)
             full_d = [None] * len(catalysts)
             for i, g in zip(weight_index, weight_grads):

@@ -221,3 +221,15 @@ def test_reused_plans_still_check_every_call():
     base = torch.randn(32)
     with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
         ops.penalty_forward([base[:12].view(4, 3), base[10:30].view(5, 4)], catalysts, layout.member_table)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_gradient_buffers_are_rejected(backend):
+    p, q = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    d1, d2 = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    shared = torch.zeros(4, 3)
+    p.grad = shared
+    q.grad = shared
+    with pytest.raises(ValueError, match=r"weight_grads\[0\] and weight_grads\[1\] share memory"):
+        cf.penalty_([p, q], [d1, d2], backend=backend)
+    assert torch.equal(shared, torch.zeros(4, 3))
