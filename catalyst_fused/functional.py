@@ -194,7 +194,12 @@ def penalty_(
         # Check before creating gradients, so that a failing call changes nothing (the C++ operators repeat
         # these checks).
         check_penalty_args(weights, catalysts, per_row=layout is None)
-        check_distinct(weights=weights, catalysts=catalysts)
+        check_distinct(
+            weights=weights,
+            catalysts=catalysts,
+            weight_grads=[weights[i].grad for i in weight_index],
+            catalyst_grads=[catalysts[j].grad for j in catalyst_index],
+        )
     with torch.no_grad():
         for p in missing:
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)

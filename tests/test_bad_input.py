@@ -233,3 +233,4 @@ def test_shared_gradient_buffers_are_rejected(backend):
     with pytest.raises(ValueError, match=r"weight_grads\[0\] and weight_grads\[1\] share memory"):
         cf.penalty_([p, q], [d1, d2], backend=backend)
     assert torch.equal(shared, torch.zeros(4, 3))
+    assert d1.grad is None and d2.grad is None  # nothing created by a failing call
