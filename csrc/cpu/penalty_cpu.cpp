@@ -66,6 +66,11 @@ struct Block {
 struct Schedule {
   std::vector<TensorInfo> tensors;
   std::vector<Block> blocks;
+  std::vector<int64_t> column_tensors;  // tensors with column groups
+  // Runs [first, end) of consecutive input columns that belong to a column group: those of tensor t are
+  // runs[run_offsets[t], run_offsets[t + 1]).
+  std::vector<int64_t> run_offsets;
+  std::vector<std::pair<int64_t, int64_t>> runs;
   std::vector<int64_t> parts;  // [P + 1]: block ranges of about equal elements
   int64_t partial_size = 0;
   int64_t col_factor_size = 0;
@@ -103,6 +108,7 @@ Schedule make_schedule(const Plan& plan, at::TensorList tensors) {
     }
     info.block_end = static_cast<int64_t>(s.blocks.size());
     if (info.columns > 0) {
+      s.column_tensors.push_back(t);
       info.partial_offset = s.partial_size;
       s.partial_size += (info.block_end - info.block_begin) * info.columns;
       info.col_factor_offset = s.col_factor_size;
@@ -110,6 +116,20 @@ Schedule make_schedule(const Plan& plan, at::TensorList tensors) {
       s.max_column_len = std::max(s.max_column_len, info.len);
     }
     s.elements += x.numel();
+  }
+  s.run_offsets.assign(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t* groups = plan.column_group.data() + plan.tensor_column_offsets[t];
+    for (int64_t c = 0; c < s.tensors[t].columns;) {
+      if (groups[c] < 0) {
+        ++c;
+        continue;
+      }
+      const int64_t first = c;
+      while (c < s.tensors[t].columns && groups[c] >= 0) ++c;
+      s.runs.emplace_back(first, c);
+    }
+    s.run_offsets[t + 1] = static_cast<int64_t>(s.runs.size());
   }
   const int64_t B = static_cast<int64_t>(s.blocks.size());
   const int64_t P = s.elements >= kParallelElements ? std::min<int64_t>(at::get_num_threads(), B) : 1;
@@ -398,35 +418,20 @@ void gradient_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x,
   const auto weights = data_pointers<scalar_t>(tensors);
   const acc_t* factor = x.factor;
   // Column factors, one per element of a row: factor of column c for elements [c * inner, (c + 1) * inner).
-  for (size_t t = 0; t < s.tensors.size(); ++t) {
-    const TensorInfo& info = s.tensors[t];
-    if (info.columns == 0 || out[t] == nullptr) continue;
-    acc_t* cf = x.col_factor + info.col_factor_offset;
-    const int64_t* groups = plan.column_group.data() + plan.tensor_column_offsets[t];
-    for (int64_t c = 0; c < info.columns; ++c) {
-      const acc_t f = groups[c] >= 0 ? factor[groups[c]] : acc_t(0);
-      std::fill(cf + c * info.inner, cf + (c + 1) * info.inner, f);
-    }
-  }
-  // Runs [first, end) of consecutive input columns that belong to a column group, per tensor.
-  struct Runs {
-    std::vector<int64_t> offsets;
-    std::vector<std::pair<int64_t, int64_t>> items;
-  } runs;
-  runs.offsets.assign(s.tensors.size() + 1, 0);
-  for (size_t t = 0; t < s.tensors.size(); ++t) {
-    const int64_t* groups = plan.column_group.data() + plan.tensor_column_offsets[t];
-    for (int64_t c = 0; c < s.tensors[t].columns;) {
-      if (groups[c] < 0) {
-        ++c;
-        continue;
+  const int64_t C = static_cast<int64_t>(s.column_tensors.size());
+  at::parallel_for(0, C, s.parallel() ? 1 : std::max<int64_t>(C, 1), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t t = s.column_tensors[k];
+      const TensorInfo& info = s.tensors[t];
+      if (out[t] == nullptr) continue;
+      acc_t* cf = x.col_factor + info.col_factor_offset;
+      const int64_t* groups = plan.column_group.data() + plan.tensor_column_offsets[t];
+      for (int64_t c = 0; c < info.columns; ++c) {
+        const acc_t f = groups[c] >= 0 ? factor[groups[c]] : acc_t(0);
+        std::fill(cf + c * info.inner, cf + (c + 1) * info.inner, f);
       }
-      const int64_t first = c;
-      while (c < s.tensors[t].columns && groups[c] >= 0) ++c;
-      runs.items.emplace_back(first, c);
     }
-    runs.offsets[t + 1] = static_cast<int64_t>(runs.items.size());
-  }
+  });
   run_parts(s, [&](int64_t part, int64_t block_begin, int64_t block_end) {
     acc_t* rf = x.row_factor + part * s.max_block_rows;
     for (int64_t b = block_begin; b < block_end; ++b) {
@@ -471,9 +476,9 @@ void gradient_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x,
         const acc_t zero = 0;
         int64_t done = 0;  // elements of the row handled so far
         if (cf != nullptr) {
-          for (int64_t r = runs.offsets[t]; r < runs.offsets[t + 1]; ++r) {
-            const int64_t begin = runs.items[r].first * info.inner;
-            const int64_t end = runs.items[r].second * info.inner;
+          for (int64_t r = s.run_offsets[t]; r < s.run_offsets[t + 1]; ++r) {
+            const int64_t begin = s.runs[r].first * info.inner;
+            const int64_t end = s.runs[r].second * info.inner;
             if (!kAccumulate) std::fill(oi + done, oi + begin, scalar_t(0));
             cpu::rows_cols_scale(oi + begin, wi + begin, 1, end - begin, &zero, cf + begin, kAccumulate);
             done = end;
