@@ -24,7 +24,7 @@ import torch
 __all__ = ["Slices", "GroupLayout"]
 
 # Column order of the member table shared with csrc/penalty_math.h (MemberColumn).
-_TENSOR, _DIM, _START, _COUNT, _SEGMENT, _SEGMENT_START = range(6)
+_TENSOR, _DIM, _START, _COUNT, _SEGMENT, _SEGMENT_START, _WIDTH = range(7)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Slices:
     start: int = 0
     count: Optional[int] = None
     offset: int = 0
+    # TEMPORARY (branch kernels-gpu, to be replaced by branch kernels-cpu's layout.py): `width`
+    # consecutive slices per group; the table gets the 7th column only when some width is not 1.
+    width: int = 1
 
 
 class GroupLayout:
@@ -63,10 +66,11 @@ class GroupLayout:
                 m = member if isinstance(member, Slices) else Slices(*member)
                 row = self._member_row(m, s, f"segments[{s}][{k}]")
                 rows.append(row)
-                size = max(size, row[_SEGMENT_START] + row[_COUNT])
+                size = max(size, row[_SEGMENT_START] + row[_COUNT] // row[_WIDTH])
             sizes.append(size)
         self.segment_sizes = tuple(sizes)
-        self.member_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+        columns = 7 if any(row[_WIDTH] != 1 for row in rows) else 6
+        self.member_table = torch.tensor([row[:columns] for row in rows], dtype=torch.int64).reshape(-1, columns)
         self._check_coverage(rows)
 
     @classmethod
@@ -134,14 +138,16 @@ class GroupLayout:
             )
         if m.offset < 0:
             raise ValueError(f"GroupLayout: {where} has a negative offset {m.offset}")
-        return [m.tensor, m.dim, m.start, count, segment, m.offset]
+        if m.width < 1 or count % m.width:
+            raise ValueError(f"GroupLayout: {where} has width={m.width}; it must be >= 1 and divide its count {count}")
+        return [m.tensor, m.dim, m.start, count, segment, m.offset, m.width]
 
     def _check_coverage(self, rows: list[list[int]]) -> None:
         covered = [torch.zeros(size, dtype=torch.bool) for size in self.segment_sizes]
         used = {}  # (tensor, dim) -> bool mask of slices already taken
         for row in rows:
-            t, dim, start, count, seg, off = row
-            covered[seg][off : off + count] = True
+            t, dim, start, count, seg, off, width = row
+            covered[seg][off : off + count // width] = True
             mask = used.setdefault((t, dim), torch.zeros(self.shapes[t][dim], dtype=torch.bool))
             if mask[start : start + count].any():
                 raise ValueError(f"GroupLayout: slices of weights[{t}] along dim {dim} are used by more than one member")

@@ -30,8 +30,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _members(weights: Sequence[torch.Tensor], layout: Optional[GroupLayout]):
     """(tensor, dim, start, count, segment, segment_start) rows; per-row layout when ``layout`` is None."""
     if layout is None:
-        return [(i, 0, 0, w.shape[0], i, 0) for i, w in enumerate(weights)]
-    return [tuple(int(v) for v in row) for row in layout.member_table.tolist()]
+        return [(i, 0, 0, w.shape[0], i, 0, 1) for i, w in enumerate(weights)]
+    # TEMPORARY (branch kernels-gpu): 6-column tables have width 1.
+    return [tuple(int(v) for v in row) + ((1,) if len(row) == 6 else ()) for row in layout.member_table.tolist()]
 
 
 def _sum_of_squares(weights, catalysts, layout):
@@ -40,11 +41,11 @@ def _sum_of_squares(weights, catalysts, layout):
     for d in catalysts:
         offsets.append(offsets[-1] + d.numel())
     sq = weights[0].new_zeros(offsets[-1], dtype=acc)
-    for t, dim, start, count, seg, seg_start in _members(weights, layout):
+    for t, dim, start, count, seg, seg_start, width in _members(weights, layout):
         moved = weights[t].movedim(dim, 0)[start : start + count]
         slices = moved.reshape(count, moved[0].numel() if count else 0).to(acc)
         part = (slices * slices).sum(dim=1)
-        index = torch.arange(count, device=sq.device) + offsets[seg] + seg_start
+        index = torch.arange(count, device=sq.device) // width + offsets[seg] + seg_start
         sq = sq.index_add(0, index, part)
     return sq
 
