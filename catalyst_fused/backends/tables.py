@@ -9,8 +9,9 @@ it is built once per set of shapes, copied to the device once and cached.
 input columns of a ``[R, C, *k]`` weight are runs of ``K = prod(k)`` elements, ``L = C * K``). It is cut
 into tiles ``rows [r0, r1) x elements [e0, e1)``, each read by one GPU block / Triton program:
 
-* a weight without column members is cut into runs of whole rows (rows longer than ``row_e`` elements
-  into pieces of ``row_e``), about ``tile`` elements per tile;
+* a weight without column members is cut into runs of whole rows (rows longer than ``row_e = tile / 8``
+  elements into pieces of ``row_e``, so that a tile always spans 8 rows or more), about ``tile`` elements
+  per tile;
 * a weight with column members is cut into element ranges of at most ``COL_E`` elements that start and
   end on input-column boundaries (a column of more than ``COL_E`` elements into pieces), and runs of
   rows, about ``tile`` elements per tile.
@@ -53,6 +54,7 @@ TILE_MIN = 1024
 TILE_MAX = 16384
 TARGET_TILES = 2048
 COL_E = 128
+ROW_PIECES = 8  # rows are cut into pieces of at most tile // ROW_PIECES elements: at least 8 rows per tile
 
 HEADER = 16
 (
@@ -153,7 +155,7 @@ def build_table(shapes: Sequence[Sequence[int]], segment_sizes: Sequence[int], p
     T, S = len(shapes), len(segment_sizes)
     total = sum(_prod(s) for s in shapes)
     tile = tile_elements(total)
-    row_e = tile
+    row_e = max(1, tile // ROW_PIECES)
 
     has_cols = [False] * T
     for t, dim, start, count, seg, seg_start, width in members:

@@ -18,9 +18,10 @@ Launches per call: forward 1, backward 1, in-place 2; a first call with new shap
 table, and a call with new data pointers uploads a pointer table (both cached on the device). No host
 synchronisation, no floating-point atomics; results are bitwise reproducible.
 
-A program picks one of four block shapes ``[rows, elements]`` from its tile's row-range length ``E``
-(1, up to 16, up to 1023, longer), so that BN vectors (E = 1), depthwise filters and long rows all use
-most lanes. ``scale`` is passed as the bits of a float64 (a Python float argument would be rounded to
+A program picks one of three block shapes ``[rows, elements]`` from its tile's element-range length
+``E``: ``[1024, 1]`` for BN vectors (E = 1), ``[64, 16]`` up to 16 (depthwise filters, short rows),
+``[8, 128]`` beyond, looping over 128-element chunks (a tile of long rows spans at least 8 rows), so
+that most lanes do work. ``scale`` is passed as the bits of a float64 (a Python float argument would be rounded to
 fp32). Without a GPU these kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (that is how CI tests
 them); ``scripts/aot_compile_triton.py`` compiles every variant for sm_80 and sm_90 without a GPU.
 """
@@ -127,7 +128,6 @@ def _contribute(table, ptrs, partials, counters, norms, ratios, terms, g, slot, 
     """One contribution `value` (a sum of squares) to group g: finished here if it is the group's only
     one (slot < 0), else stored in its slot; the contribution that completes the group finishes it."""
     direct = mask & (slot < 0)
-    _finalize(table, ptrs, norms, ratios, terms, g, value, direct, scale, T, S, DTYPE, ACC, CATALYST_GRAD)
     shared = mask & (slot >= 0)
     tl.store(partials + slot, value, mask=shared)
     tl.debug_barrier()  # every thread's slot store happens before any of the program's releases
@@ -142,7 +142,8 @@ def _contribute(table, ptrs, partials, counters, norms, ratios, terms, g, slot, 
     for k in range(0, longest):
         total += tl.load(partials + begin + k, mask=last & (k < count), other=0.0, cache_modifier=".cg")
     tl.store(counters + g, 0, mask=last)  # ready for the next launch
-    _finalize(table, ptrs, norms, ratios, terms, g, total, last, scale, T, S, DTYPE, ACC, CATALYST_GRAD)
+    _finalize(table, ptrs, norms, ratios, terms, g, tl.where(direct, value, total), direct | last, scale, T, S,
+              DTYPE, ACC, CATALYST_GRAD)
 
 
 @triton.jit
@@ -190,12 +191,10 @@ def _norm_tile(table, ptrs, partials, counters, norms, ratios, terms, scale, T, 
     if col_base >= 0:
         position = e0 + lanes
         lane_mask = position < e1
-        if pieces == 1:
-            column = position // K
-            piece = 0
-        else:  # the tile is piece `piece` of one long column
-            column = tl.zeros([BE], dtype=tl.int64) + j // pieces
-            piece = j % pieces
+        # A column of more than COL_E elements is cut into `pieces`: the tile is piece j % pieces of column
+        # j // pieces. Otherwise the tile holds whole columns (one division per lane and tile).
+        column = tl.where(pieces == 1, position // K, j // pieces)
+        piece = j % pieces
         first = (lanes == 0) | (position == column * K)
         last = lane_mask & ((position + 1 == e1) | (position + 1 == (column + 1) * K))
         sums, _ = tl.associative_scan((tl.sum(columns, axis=0), first), 0, _segmented_add)
@@ -225,19 +224,15 @@ def _norm_kernel(table, ptrs, partials, counters, terms, norms, ratios, penalty,
         i = tl.load(tile + 5)
         j = tl.load(tile + 6)
         E = e1 - e0
-        has_columns = tl.load(table + tl.load(table + _H_TENSORS_OFF) + t * _TENSOR_FIELDS + 4) >= 0
         if E == 1:
             _norm_tile(table, ptrs, partials, counters, norms, ratios, terms, scale, T, S, t, r0, r1, e0, e1, i, j,
                        DTYPE, ACC, CATALYST_GRAD, BLOCK, 1)
         elif E <= 16:
             _norm_tile(table, ptrs, partials, counters, norms, ratios, terms, scale, T, S, t, r0, r1, e0, e1, i, j,
                        DTYPE, ACC, CATALYST_GRAD, BLOCK // 16, 16)
-        elif (E < BLOCK) | has_columns:
+        else:  # longer rows: 128 lanes per step (a tile of long rows spans 8 rows or more)
             _norm_tile(table, ptrs, partials, counters, norms, ratios, terms, scale, T, S, t, r0, r1, e0, e1, i, j,
                        DTYPE, ACC, CATALYST_GRAD, BLOCK // 128, 128)
-        else:
-            _norm_tile(table, ptrs, partials, counters, norms, ratios, terms, scale, T, S, t, r0, r1, e0, e1, i, j,
-                       DTYPE, ACC, CATALYST_GRAD, 1, BLOCK)
     # The last program to finish adds up the penalty (every group is finished by then).
     tl.debug_barrier()
     done = tl.atomic_add(counters + G, 1, sem="acq_rel", scope="gpu")
@@ -282,10 +277,7 @@ def _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j,
     if col_base >= 0:  # one element range of at most BE lanes: the column factors are per lane
         position = e0 + lanes
         lane_mask = position < e1
-        if pieces == 1:
-            column = position // K
-        else:
-            column = tl.zeros([BE], dtype=tl.int64) + j // pieces
+        column = tl.where(pieces == 1, position // K, j // pieces)
         g = tl.load(lookup_group + col_base + column, mask=lane_mask, other=-1)
         column_covered = g >= 0
         column_factor = _factor(table, ptrs, norms, g, column_covered, T, DTYPE, ACC)
@@ -331,15 +323,12 @@ def _grad_kernel(table, ptrs, norms, grad_penalty, scale_bits,
         e1 = tl.load(tile + 4)
         j = tl.load(tile + 6)
         E = e1 - e0
-        has_columns = tl.load(table + tl.load(table + _H_TENSORS_OFF) + t * _TENSOR_FIELDS + 4) >= 0
         if E == 1:
             _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j, DTYPE, ACC, ACCUMULATE, BLOCK, 1)
         elif E <= 16:
             _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j, DTYPE, ACC, ACCUMULATE, BLOCK // 16, 16)
-        elif (E < BLOCK) | has_columns:
-            _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j, DTYPE, ACC, ACCUMULATE, BLOCK // 128, 128)
         else:
-            _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j, DTYPE, ACC, ACCUMULATE, 1, BLOCK)
+            _grad_tile(table, ptrs, norms, factor_scale, T, t, r0, r1, e0, e1, j, DTYPE, ACC, ACCUMULATE, BLOCK // 128, 128)
     elif not ACCUMULATE:
         # Catalyst gradients of the autograd backward: grad * sign(d) * n.
         G = tl.load(table + _H_GROUPS)
