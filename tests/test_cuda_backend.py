@@ -113,10 +113,10 @@ def test_cuda_host_builds_the_triton_table(name):
 @pytest.mark.parametrize(
     "plan, message",
     [
-        ([[0, 0, 0, 2, 0, 0], [0, 0, 1, 1, 0, 0]], r"slice 1 of weights\[0\] along dim 0 is used by more than one plan member"),
+        ([[0, 0, 0, 2, 0, 0, 1], [0, 0, 1, 1, 0, 0, 1]], r"slice 1 of weights\[0\] along dim 0 is used by more than one plan member"),
         ([[0, 0, 0, 3, 0, 0, 2]], r"has width 2; it must be >= 1 and divide its slice count 3"),
-        ([[0, 1, 0, 3, 0, 0]], r"plan member 0 takes slices \[0, 3\) of weights\[0\] along dim 1"),
-        ([[0, 0, 0, 3, 1, 0]], r"plan member 0 maps outside catalysts\[1\]"),
+        ([[0, 1, 0, 3, 0, 0, 1]], r"plan member 0 takes slices \[0, 3\) of weights\[0\] along dim 1"),
+        ([[0, 0, 0, 3, 1, 0, 1]], r"plan member 0 maps outside catalysts\[1\]"),
     ],
 )
 def test_table_builders_reject_the_same_plans(plan, message):

@@ -310,7 +310,7 @@ def test_bad_input_is_reported():
         ops.triton_penalty_backward(torch.ones(2), w, d, torch.ones(2), None)
     with pytest.raises(ValueError, match=r"catalysts\[0\] has 3 entries"):
         ops.triton_penalty_backward(torch.ones(()), w, [torch.ones(3)], torch.ones(3), None)
-    overlapping = torch.tensor([[0, 0, 0, 2, 0, 0], [0, 0, 1, 1, 0, 0]])
+    overlapping = torch.tensor([[0, 0, 0, 2, 0, 0, 1], [0, 0, 1, 1, 0, 0, 1]])
     with pytest.raises(ValueError, match=r"slice 1 of weights\[0\] along dim 0 is used by more than one plan member"):
         ops.triton_penalty_forward(w, d, overlapping)
     with pytest.raises(ValueError, match=r"width 2; it must be >= 1 and divide its slice count 3"):
