@@ -136,9 +136,14 @@ rm -rf "$WARM" "$OUT/warm_triton.rc"
 "$PY" -c "import catalyst_fused as cf; print('CUDA kernels built:', cf.cuda_kernels_built(), '| Triton on CUDA:', cf.triton_available('cuda'))" 2>&1 | tee -a "$SUMMARY"
 
 # 3. GPU tests, one backend per process.
-for backend in cpp triton; do
-  run_step "tests_$backend" 150 env GPU_BACKENDS=$backend "$PY" -m pytest tests/test_cuda_backend.py -rs -q -p no:cacheprovider
-done
+if "$PY" -c "import pytest" 2> /dev/null; then
+  for backend in cpp triton; do
+    run_step "tests_$backend" 150 env GPU_BACKENDS=$backend "$PY" -m pytest tests/test_cuda_backend.py -rs -q -p no:cacheprovider
+  done
+else
+  say "FAIL tests (pytest is not installed for $PY; bring a pytest wheel): the smoke checks below still run"
+  FAILED=1
+fi
 
 # 4. Smoke checks and figures, one backend per process.
 for backend in cpp triton; do

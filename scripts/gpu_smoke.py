@@ -24,9 +24,8 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-for path in (str(ROOT), str(ROOT / "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -55,16 +54,31 @@ def params(tensors):
 
 
 def chain(shapes):
-    from test_cuda_backend import chain_layout
-
-    all_shapes, segments = chain_layout(shapes)
+    """Group mode over a chain conv_0 -> bn_0 -> conv_1 -> ... (as tests/test_cuda_backend.chain_layout;
+    repeated here so that this script runs where pytest is missing): group i of segment k is row i of
+    conv_k, BN scale and shift i, and input column i of conv_{k+1}."""
+    all_shapes, segments, index = [], [], {}
+    for k, shape in enumerate(shapes):
+        index[k] = len(all_shapes)
+        all_shapes += [shape, (shape[0],), (shape[0],)]
+    for k in range(len(shapes)):
+        conv = index[k]
+        members = [Slices(conv), Slices(conv + 1), Slices(conv + 2)]
+        if k + 1 < len(shapes):
+            members.append(Slices(index[k + 1], dim=1))
+        segments.append(members)
     return all_shapes, segments
 
 
-def resnet56():
-    from test_cuda_backend import RESNET56_CONVS
+def resnet56_chain():
+    """The 55 chained 3x3 conv weight shapes of the CIFAR ResNet-56."""
+    return [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 18 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 17 + [(64, 32, 3, 3)] + \
+        [(64, 64, 3, 3)] * 17  # fmt: skip
 
-    return RESNET56_CONVS
+
+def resnet56():
+    """All 57 conv weight shapes of the CIFAR ResNet-56 (option-B shortcuts: two 1x1 convs more)."""
+    return resnet56_chain() + [(32, 16, 1, 1), (64, 32, 1, 1)]
 
 
 def mlp():
@@ -101,7 +115,7 @@ def empty_and_zero_size(backend):
 
 @check
 def non_default_stream(backend):
-    shapes, segments = chain(resnet56()[:8])
+    shapes, segments = chain(resnet56_chain()[:8])
     weights = randn(shapes)
     layout = GroupLayout.build(weights, segments)
     catalysts = catalysts_for(weights, layout)
@@ -128,7 +142,7 @@ def sync_debug_around_every_call(backend):
     cases = []
     for grouped in (False, True):
         if grouped:
-            shapes, segments = chain(resnet56())
+            shapes, segments = chain(resnet56_chain())
             weights = randn(shapes)
             layout = GroupLayout.build(weights, segments)
         else:
@@ -259,7 +273,7 @@ def duplicate_inputs(backend):
 
 @check
 def cuda_graph(backend):
-    shapes, segments = chain(resnet56()[:6])
+    shapes, segments = chain(resnet56_chain()[:6])
     weights = params(randn(shapes))
     layout = GroupLayout.build(weights, segments)
     catalysts = params(catalysts_for(weights, layout))
@@ -299,9 +313,10 @@ def cuda_graph(backend):
         for p, r in zip(weights + catalysts, rw + rd):
             torch.testing.assert_close(p.grad.double(), r.grad, rtol=2e-5, atol=1e-6)
     fresh = randn([(11, 3, 5)])  # shapes never seen outside a capture
+    fresh_catalysts = catalysts_for(fresh)
     try:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            cf.penalty(fresh, catalysts_for(fresh), backend=backend)
+            cf.penalty(fresh, fresh_catalysts, backend=backend)
     except RuntimeError as error:
         assert "outside the capture" in str(error), error
     else:
@@ -332,7 +347,7 @@ def launch_counts(backend):
     lines = []
     for name, grouped in (("resnet56 rows", False), ("resnet56 group", True)):
         if grouped:
-            shapes, segments = chain(resnet56())
+            shapes, segments = chain(resnet56_chain())
             weights = params(randn(shapes))
             layout = GroupLayout.build(weights, segments)
         else:
@@ -384,10 +399,10 @@ def figures(backend):
     torch.cuda.empty_cache()
     lines = [f"device copy (read + write 1 GiB each): {copy_gbs:.0f} GB/s"]
     results = {"copy_gbs": copy_gbs}
-    for model, convs in (("resnet56", resnet56()), ("transformer_mlp", mlp())):
+    for model, convs, chained in (("resnet56", resnet56(), resnet56_chain()), ("transformer_mlp", mlp(), mlp())):
         for grouped in (False, True):
             if grouped:
-                shapes, segments = chain(convs)
+                shapes, segments = chain(chained)
                 weights = params(randn(shapes))
                 layout = GroupLayout.build(weights, segments)
             else:

@@ -345,7 +345,7 @@ def test_launches_run_under_the_tensors_device():
 
 def test_tables_per_row_layout_is_direct():
     info = tables.build_table([(2, 3), (4,)], [2, 4], None)
-    words = info.words
+    words = info.words.tolist()
     assert info.num_tiles == 2 and info.num_groups == 6 and info.num_slots == 0
     tiles = words[info.offsets["tiles"] :][: 2 * tables.TILE_FIELDS]
     assert tiles[:7] == [0, 0, 2, 0, 3, 0, 0] and tiles[8:15] == [1, 0, 4, 0, 1, 0, 0]
@@ -362,7 +362,7 @@ def test_tables_grouped_slots(monkeypatch):
     plan = GroupLayout([(2, 3, 2), (4, 2)], [[Slices(0), Slices(1, dim=1)]]).member_table
     info = tables.build_table([(2, 3, 2), (4, 2)], [2], plan)
     assert info.num_tiles == 3 + 1 and info.num_slots == 8
-    w = info.words
+    w = info.words.tolist()
     assert w[info.offsets["slot_begin"] :][:3] == [0, 4, 8]
     lookup = w[info.offsets["lookup_slot"] :]
     # rows of weight 0 at 0..1, rows of weight 1 at 2..5 (no group), columns of weight 1 at 6..7

@@ -134,9 +134,9 @@ def member_rows(shapes: Sequence[tuple[int, ...]], segment_sizes: Sequence[int],
 
 @dataclass
 class TableInfo:
-    """The table on the host (``words``) and the figures the launches need."""
+    """The table on the host (``words``, int64) and the figures the launches need."""
 
-    words: list[int]
+    words: torch.Tensor
     num_tiles: int
     num_groups: int
     num_segments: int
@@ -146,13 +146,35 @@ class TableInfo:
     offsets: dict = field(default_factory=dict)
 
 
+def _ranges(R: int, L: int, C: int, K: int, has_cols: bool, row_e: int) -> tuple[torch.Tensor, int]:
+    """The element ranges [e0, e1) of a tile row (int64 [n_e, 2]) and the pieces per column."""
+    i64 = dict(dtype=torch.int64)
+    if R * L == 0:
+        return torch.empty(0, 2, **i64), 1
+    if not has_cols:
+        e0 = torch.arange(0, L, row_e, **i64)
+        return torch.stack([e0, (e0 + row_e).clamp(max=L)], 1), 1
+    if K <= COL_E:
+        per = COL_E // K
+        c = torch.arange(0, C, per, **i64)
+        return torch.stack([c * K, (c + per).clamp(max=C) * K], 1), 1
+    pieces = -(-K // COL_E)
+    c = torch.arange(C, **i64)[:, None]
+    p = torch.arange(pieces, **i64)[None, :]
+    e0 = c * K + p * COL_E
+    e1 = c * K + ((p + 1) * COL_E).clamp(max=K)
+    return torch.stack([e0.reshape(-1), e1.reshape(-1)], 1), pieces
+
+
 def build_table(shapes: Sequence[Sequence[int]], segment_sizes: Sequence[int], plan: Optional[torch.Tensor]) -> TableInfo:
     """The tile table for weights of these ``shapes``, catalyst segments of these sizes and this member
-    table (None: per-row layout). Pure host code; see the module docstring for the layout."""
+    table (None: per-row layout). Pure host code (vectorised: a model with millions of rows takes
+    seconds); see the module docstring for the layout."""
     shapes = [tuple(int(s) for s in shape) for shape in shapes]
     segment_sizes = [int(s) for s in segment_sizes]
     members = member_rows(shapes, segment_sizes, plan)
     T, S = len(shapes), len(segment_sizes)
+    i64 = dict(dtype=torch.int64)
     total = sum(_prod(s) for s in shapes)
     tile = tile_elements(total)
     row_e = max(1, tile // ROW_PIECES)
@@ -171,97 +193,98 @@ def build_table(shapes: Sequence[Sequence[int]], segment_sizes: Sequence[int], p
         L = _prod(shape[1:])
         C = shape[1] if len(shape) >= 2 else 1
         K = _prod(shape[2:])
-        numel = R * L
-        ranges: list[tuple[int, int]] = []
-        pieces = 1
-        if numel > 0:
-            if has_cols[t]:
-                if K <= COL_E:
-                    per = COL_E // K
-                    ranges = [(c * K, min(c + per, C) * K) for c in range(0, C, per)]
-                else:
-                    pieces = -(-K // COL_E)
-                    ranges = [(c * K + p * COL_E, c * K + min((p + 1) * COL_E, K)) for c in range(C) for p in range(pieces)]
-            else:
-                ranges = [(e, min(e + row_e, L)) for e in range(0, L, row_e)]
-            longest = max(e1 - e0 for e0, e1 in ranges)
+        ranges, pieces = _ranges(R, L, C, K, has_cols[t], row_e)
+        n_e, n_r = ranges.shape[0], 0
+        if n_e:
+            longest = int((ranges[:, 1] - ranges[:, 0]).max())
             rows_per_tile = max(1, tile // longest)
             n_r = -(-R // rows_per_tile)
-            for i in range(n_r):
-                r0, r1 = i * rows_per_tile, min(R, (i + 1) * rows_per_tile)
-                for j, (e0, e1) in enumerate(ranges):
-                    tiles.append([t, r0, r1, e0, e1, i, j, 0])
-        else:
-            n_r = 0
-        n_e_of[t], n_r_of[t], pieces_of[t] = len(ranges), n_r, pieces
+            i = torch.arange(n_r, **i64)[:, None].expand(n_r, n_e)
+            j = torch.arange(n_e, **i64)[None, :].expand(n_r, n_e)
+            block = torch.stack(
+                [
+                    torch.full((n_r, n_e), t, **i64),
+                    i * rows_per_tile,
+                    ((i + 1) * rows_per_tile).clamp(max=R),
+                    ranges[:, 0][None, :].expand(n_r, n_e),
+                    ranges[:, 1][None, :].expand(n_r, n_e),
+                    i,
+                    j,
+                    torch.zeros(n_r, n_e, **i64),
+                ],
+                2,
+            )
+            tiles.append(block.reshape(-1, TILE_FIELDS))
+        n_e_of[t], n_r_of[t], pieces_of[t] = n_e, n_r, pieces
         row_base[t] = lookup_size
         lookup_size += R
         if has_cols[t]:
             col_base[t] = lookup_size
             lookup_size += C
         tensors.append([R, L, K, row_base[t], col_base[t], n_r, pieces, C])
+    tiles = torch.cat(tiles) if tiles else torch.empty(0, TILE_FIELDS, **i64)
 
     segment_offsets = [0]
     for size in segment_sizes:
         segment_offsets.append(segment_offsets[-1] + size)
     G = segment_offsets[-1]
-    group_segment = [0] * G
-    for s in range(S):
-        for g in range(segment_offsets[s], segment_offsets[s + 1]):
-            group_segment[g] = s
+    group_segment = torch.repeat_interleave(torch.arange(S, **i64), torch.tensor(segment_sizes, **i64))
 
     def contributions(t: int, dim: int) -> int:
         return n_e_of[t] if dim == 0 else n_r_of[t] * pieces_of[t]
 
-    group_count = [0] * G
+    # A member's slice start + k belongs to group g0 + k // width: it touches the `count // width` groups
+    # from g0, each with `width` slices of `contributions` each.
+    group_count = torch.zeros(G, **i64)
+    for t, dim, start, count, seg, seg_start, width in members:
+        g0 = segment_offsets[seg] + seg_start
+        group_count[g0 : g0 + count // width] += width * contributions(t, dim)
+    shared = group_count >= 2
+    slot_begin = torch.zeros(G + 1, **i64)
+    torch.cumsum(torch.where(shared, group_count, 0), 0, out=slot_begin[1:])
+    fill = slot_begin[:-1].clone()
+    lookup_group = torch.full((lookup_size,), -1, **i64)
+    lookup_slot = torch.full((lookup_size,), -1, **i64)
     for t, dim, start, count, seg, seg_start, width in members:
         c = contributions(t, dim)
+        first = (row_base[t] if dim == 0 else col_base[t]) + start
+        taken = (lookup_group[first : first + count] != -1).nonzero()
+        if taken.numel():
+            raise ValueError(
+                f"catalyst_fused: slice {start + int(taken[0])} of weights[{t}] along dim {dim} is used by more than one "
+                "plan member"
+            )
         g0 = segment_offsets[seg] + seg_start
-        for k in range(count):
-            group_count[g0 + k // width] += c
-    slot_begin = [0] * (G + 1)
-    for g in range(G):
-        slot_begin[g + 1] = slot_begin[g] + (group_count[g] if group_count[g] >= 2 else 0)
-    fill = slot_begin[:-1]
-    lookup_group = [-1] * lookup_size
-    lookup_slot = [-1] * lookup_size
-    for t, dim, start, count, seg, seg_start, width in members:
-        c = contributions(t, dim)
-        base = row_base[t] if dim == 0 else col_base[t]
-        g0 = segment_offsets[seg] + seg_start
-        for k in range(count):
-            g = g0 + k // width
-            if lookup_group[base + start + k] != -1:
-                raise ValueError(
-                    f"catalyst_fused: slice {start + k} of weights[{t}] along dim {dim} is used by more than one plan member"
-                )
-            lookup_group[base + start + k] = g
-            if group_count[g] >= 2:
-                lookup_slot[base + start + k] = fill[g]
-                fill[g] += c
-    zero_groups = [g for g in range(G) if group_count[g] == 0]
+        k = torch.arange(count, **i64)
+        g = g0 + k // width
+        lookup_group[first : first + count] = g
+        lookup_slot[first : first + count] = torch.where(shared[g], fill[g] + (k % width) * c, -1)
+        fill[g0 : g0 + count // width] += width * c
+    zero_groups = (group_count == 0).nonzero().reshape(-1)
 
-    offsets = {}
-    words = [0] * HEADER
-    for name, section in (
-        ("tensors", [v for row in tensors for v in row]),
-        ("tiles", [v for row in tiles for v in row]),
-        ("segment_offsets", segment_offsets),
+    sections = [
+        ("tensors", torch.tensor(tensors, **i64).reshape(-1)),
+        ("tiles", tiles.reshape(-1)),
+        ("segment_offsets", torch.tensor(segment_offsets, **i64)),
         ("slot_begin", slot_begin),
         ("group_segment", group_segment),
         ("lookup_group", lookup_group),
         ("lookup_slot", lookup_slot),
         ("zero_groups", zero_groups),
-    ):
-        offsets[name] = len(words)
-        words.extend(section)
-    header = {
-        H_NUM_TILES: len(tiles),
+    ]
+    offsets, position = {}, HEADER
+    for name, section in sections:
+        offsets[name] = position
+        position += section.numel()
+    num_slots = int(slot_begin[G])
+    header = torch.zeros(HEADER, **i64)
+    for k, v in {
+        H_NUM_TILES: tiles.shape[0],
         H_GROUPS: G,
         H_SEGMENTS: S,
         H_TENSORS: T,
-        H_ZERO: len(zero_groups),
-        H_SLOTS: slot_begin[G],
+        H_ZERO: zero_groups.numel(),
+        H_SLOTS: num_slots,
         H_TENSORS_OFF: offsets["tensors"],
         H_TILES_OFF: offsets["tiles"],
         H_SEGOFF_OFF: offsets["segment_offsets"],
@@ -271,8 +294,8 @@ def build_table(shapes: Sequence[Sequence[int]], segment_sizes: Sequence[int], p
         H_LOOKUP_SLOT_OFF: offsets["lookup_slot"],
         H_ZERO_OFF: offsets["zero_groups"],
         H_TILE: tile,
-        H_WORDS: len(words),
-    }
-    for k, v in header.items():
-        words[k] = v
-    return TableInfo(words, len(tiles), G, S, T, slot_begin[G], tile, offsets)
+        H_WORDS: position,
+    }.items():
+        header[k] = v
+    words = torch.cat([header] + [section for _, section in sections])
+    return TableInfo(words, tiles.shape[0], G, S, T, num_slots, tile, offsets)

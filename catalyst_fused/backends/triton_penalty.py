@@ -357,7 +357,7 @@ class _Entry:
     def __init__(self, info: _t.TableInfo, device: torch.device):
         self.info = info
         self.device = device
-        host = torch.tensor(info.words, dtype=torch.int64)
+        host = info.words
         if device.type == "cuda":
             # Once per set of shapes: pinned copy, then wait for it, so that any stream may use the table.
             self.table = host.pin_memory().to(device, non_blocking=True)
