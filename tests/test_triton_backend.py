@@ -198,11 +198,18 @@ def test_inplace_matches_reference(dtype, grouped, tiles):
         assert_close(got, expected, (rtol, atol + 2 * rtol * g0.double().abs().max().item()), f"grad {i}")
 
 
-def test_fp64_scale_is_not_rounded_to_fp32():
-    # A Python float kernel argument is fp32 in Triton: 0.37 would be off by ~3e-8 relative.
+def test_fp64_scale_reaches_the_kernel_exactly():
+    # Compiled Triton types a Python float argument as fp32 (0.37 would be off by ~3e-8 relative); the
+    # kernels take the float64's bits as an int64 and bitcast them back. The interpreter keeps Python
+    # floats in fp64, so this checks the bit transport (encode, int64 argument, bitcast); the compiled
+    # path is checked by test_cuda_backend.py::test_fp64_inplace_scale on a GPU.
+    from catalyst_fused.backends import triton_penalty
+
+    bits = triton_penalty._scale_bits(0.37)
+    assert isinstance(bits, int) and struct.unpack("<d", struct.pack("<q", bits))[0] == 0.37
+    assert "scale_bits" in triton_penalty._norm_kernel.arg_names and "scale_bits" in triton_penalty._grad_kernel.arg_names
     weights = randn((3, 4, 2), (5, 3), dtype=torch.float64)
     stats, ref, grads, _ = _inplace(weights, random_catalysts(weights), None, 0.37, torch.float64)
-    assert float(struct.unpack("<f", struct.pack("<f", 0.37))[0]) != 0.37
     for got, expected in grads:
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-15)
 
@@ -336,11 +343,38 @@ def test_cuda_graph_capture_is_refused(monkeypatch):
     assert torch.Tag.cudagraph_unsafe in ops.triton_penalty_forward.default.tags
 
 
-def test_launches_run_under_the_tensors_device():
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    # Triton launches on the current device: every launch must happen inside the tensors' device context
+    # (torch.cuda.device(tensor.device) for CUDA tensors, as the C++ path's CUDAGuard).
     from catalyst_fused.backends import triton_penalty
 
     context = triton_penalty._context(torch.device("cuda", 1))
     assert isinstance(context, torch.cuda.device) and context.idx == 1
+    active, launched = [], []
+
+    class Recording:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            active.append(self.device)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    launch = triton_penalty._launch
+
+    def checked(*args, **kwargs):
+        launched.append(list(active))
+        launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_penalty, "_context", Recording)
+    monkeypatch.setattr(triton_penalty, "_launch", checked)
+    weights = randn((3, 4), (2, 5))
+    catalysts = random_catalysts(weights)
+    check_against_reference(weights, catalysts, backend="triton")
+    cf.penalty_([torch.nn.Parameter(w) for w in weights], [torch.nn.Parameter(d) for d in catalysts], backend="triton")
+    assert len(launched) == 4 and all(devices == [torch.device("cpu")] for devices in launched), launched
 
 
 def test_tables_per_row_layout_is_direct():
