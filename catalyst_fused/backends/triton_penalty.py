@@ -137,13 +137,14 @@ def _contribute(table, ptrs, partials, counters, norms, ratios, terms, g, slot, 
     count = tl.load(slot_begin + g + 1, mask=shared, other=0) - begin
     last = shared & (old + 1 == count)
     tl.debug_barrier()
-    total = tl.zeros_like(value)
+    # In fp64: a row of 10^9 elements has 500,000 partial sums, added here in order.
+    total = tl.zeros_like(value).to(tl.float64)
     longest = tl.max(tl.where(last, count, 0), axis=0)
     for k in range(0, longest):
-        total += tl.load(partials + begin + k, mask=last & (k < count), other=0.0, cache_modifier=".cg")
+        total += tl.load(partials + begin + k, mask=last & (k < count), other=0.0, cache_modifier=".cg").to(tl.float64)
     tl.store(counters + g, 0, mask=last)  # ready for the next launch
-    _finalize(table, ptrs, norms, ratios, terms, g, tl.where(direct, value, total), direct | last, scale, T, S,
-              DTYPE, ACC, CATALYST_GRAD)
+    _finalize(table, ptrs, norms, ratios, terms, g, tl.where(direct, value, total.to(ACC)), direct | last, scale, T,
+              S, DTYPE, ACC, CATALYST_GRAD)
 
 
 @triton.jit
