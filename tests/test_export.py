@@ -196,3 +196,15 @@ def test_cli_writes_safe_files_and_exports_a_finished_run(tmp_path):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(SystemExit):  # a bad flag is a usage error naming it
         cli.main(["--out", str(out), "--resume", "--export", "tflite"])
+
+
+def test_the_optional_dependencies_are_declared_and_pinned():
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "safetensors" in extras["pruning"]  # the pruned model's weights file
+    assert {"onnx", "onnxscript", "onnxruntime"} <= set(extras["export"]) and "catalyst_fused[export]" in extras["test"]
+    pins = {line.split("==")[0] for line in (root / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert {"safetensors", "onnx", "onnxscript", "onnxruntime", "torch"} <= pins  # CI installs these
