@@ -13,11 +13,18 @@ machine beside every row). The machine is shared: before every measurement the s
 ``--max-wait`` seconds) until other processes use less than ``--quiet`` percent of the CPU, and retakes rows
 measured above that (up to ``--retakes`` times; the last take is kept and its load recorded either way).
 
+``--ranked MODEL:WEIGHTS:SPEEDUP`` times a model that has no finished pruning run (ResNet-56: the Catalyst
+run does not fit a CPU session): the named architecture with saved dense weights, pruned in one shot by the
+pruner's ranking of the group L2 norms of the trained weights (``method="group_lasso"`` without its
+training) to the FLOPs target ``SPEEDUP``, exact and with ``--round-to 8`` and ``16``. This measures what
+such widths do to latency; it is not a Catalyst result and has no accuracy (nothing is fine-tuned).
+
 Writes results/deployment_latency_<name>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import shlex
@@ -26,13 +33,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # `python experiments/x.py` from a checkout uses this checkout's package
     sys.path.insert(0, str(HERE.parent))
 
 from catalyst_fused.models import build_model  # noqa: E402
-from catalyst_fused.pruning import Report, compare_latency, load_pruned, read_pruned_spec  # noqa: E402
+from catalyst_fused.pruning import Pruner, Report, compare_latency, load_pruned, read_pruned_spec  # noqa: E402
+from catalyst_fused.pruning.metrics import count_flops  # noqa: E402
 from catalyst_fused.pruning.latency import CpuLoadMeter, parse_runtimes, parse_threads  # noqa: E402
 from catalyst_fused.pruning.workflow.report import write_json_atomic  # noqa: E402
 
@@ -80,6 +89,30 @@ def measure(a, b, shape, args, flops_ratio, log):
     return table
 
 
+def ranked_models(spec: str) -> tuple[str, tuple, nn.Module, dict]:
+    """(model name, sample shape, dense model, {round_to: (pruned model, widths, FLOPs ratio)}) for ``--ranked``."""
+    try:
+        name, weights, speedup = spec.split(":")
+        speedup = float(speedup)
+    except ValueError:
+        raise SystemExit(f"--ranked: expected MODEL:WEIGHTS:SPEEDUP, got {spec!r}") from None
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    first = next(v for v in state.values() if v.dim() == 4)  # the first conv's weight: in_channels
+    last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1]  # the classifier
+    dense = build_model(name, num_classes=last.shape[0], in_channels=first.shape[1])
+    dense.load_state_dict(state)
+    shape = (first.shape[1], 8, 8) if name == "small_cnn" else (first.shape[1], 32, 32)
+    x = torch.zeros(2, *shape)
+    pruned = {}
+    for round_to in (1, 8, 16):
+        model = copy.deepcopy(dense).eval()
+        pruner = Pruner(model, x, method="group_lasso", target_speedup=speedup, round_to=round_to)
+        summary = pruner.prune()
+        kept = {t: v["kept"] for t, v in summary.per_target.items()}
+        pruned[round_to] = (model, kept, count_flops(dense, shape)["macs"] / count_flops(model, shape)["macs"])
+    return name, shape, dense, pruned
+
+
 def widths(report) -> str:
     return ", ".join(str(v) for v in report.per_layer_kept.values())
 
@@ -89,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", required=True, help="results/deployment_latency_<name>.{json,md}")
     p.add_argument("--runs", nargs="+", default=[], help="finished run directories: dense vs pruned")
     p.add_argument("--rounded", nargs="*", default=[], help="UNROUNDED:ROUNDED run directory pairs: pruned vs pruned")
+    p.add_argument("--ranked", nargs="*", default=[], help="MODEL:WEIGHTS:SPEEDUP: dense vs one-shot norm-ranked "
+                   "widths (exact, rounded to 8 and 16), latency only")
     p.add_argument("--runtimes", default="eager,compile,onnxruntime")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--batches", default="1,64")
@@ -149,6 +184,23 @@ def main(argv=None) -> int:
         md += [f"| {r.runtime} | {r.batch_size} | {r.threads} | {r.dense_ms:.3f} | {r.pruned_ms:.3f} | {r.speedup:.2f}x | "
                f"{r.others_cpu_percent:.0f}% |" for r in table.rows]
         md.append("")
+    for spec in args.ranked:
+        name, shape, dense, pruned = ranked_models(spec)
+        rows = []
+        for round_to, (model, kept, flops_ratio) in pruned.items():
+            log(f"{name}: dense vs one-shot ranked widths, round-to {round_to} (FLOPs {flops_ratio:.2f}x)")
+            table = measure(dense, model, shape, args, flops_ratio, log)
+            rows.append((round_to, kept, flops_ratio, table))
+            out["rounded"].append({"ranked": spec, "model": name, "round_to": round_to, "kept_widths": kept,
+                                   "flops_ratio": flops_ratio, "latency": table.to_dict()})
+        md += [f"### {name}, one-shot norm ranking to {spec.split(':')[-1]}x FLOPs (latency only, no accuracy)", ""]
+        for round_to, kept, flops_ratio, table in rows:
+            md += [f"round-to {round_to}: FLOPs {flops_ratio:.2f}x, kept widths {', '.join(map(str, kept.values()))}. "
+                   f"Machine: {table.machine['cpu']}, {table.machine['cores']} cores, {table.machine['date_utc']} UTC.",
+                   "", head]
+            md += [f"| {r.runtime} | {r.batch_size} | {r.threads} | {r.dense_ms:.3f} | {r.pruned_ms:.3f} | {r.speedup:.2f}x | "
+                   f"{r.gain_per_flops_gain:.2f} | {r.others_cpu_percent:.0f}% |" for r in table.rows]
+            md.append("")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / f"deployment_latency_{args.name}.json", out)
