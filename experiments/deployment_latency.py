@@ -30,6 +30,7 @@ import json
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,7 +108,9 @@ def ranked_models(spec: str) -> tuple[str, tuple, nn.Module, dict]:
     for round_to in (1, 8, 16):
         model = copy.deepcopy(dense).eval()
         pruner = Pruner(model, x, method="group_lasso", target_speedup=speedup, round_to=round_to)
-        summary = pruner.prune()
+        with warnings.catch_warnings():  # no optimizer: nothing is trained after the prune
+            warnings.simplefilter("ignore", UserWarning)
+            summary = pruner.prune()
         kept = {t: v["kept"] for t, v in summary.per_target.items()}
         pruned[round_to] = (model, kept, count_flops(dense, shape)["macs"] / count_flops(model, shape)["macs"])
     return name, shape, dense, pruned
