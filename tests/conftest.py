@@ -19,6 +19,7 @@ def _seed():
 TINY_RUN = dict(
     model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
     train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8, noise_draws=2,
+    latency="eager", latency_repeats=3,
 )
 
 
