@@ -215,7 +215,7 @@ def test_regularize_is_the_fused_penalty_and_follows_the_grad_scaler():
 
 def test_baselines_have_no_stop_rule_and_lats_needs_a_learning_rate():
     model = _warm(UserNet())
-    lats = cf.Pruner(model, (3, 8, 8), method="lats", gamma=0.1)
+    lats = cf.Pruner(model, (3, 8, 8), method="lats_channel", gamma=0.1)
     assert lats.regularize() is None and not lats.all_decided()
     with pytest.raises(ValueError, match="learning rate"):
         lats.after_step()
