@@ -237,3 +237,18 @@ def test_cuda_matches_reference(backend, dtype):
     counts = cf.soft_threshold_(ws, 0.3, sources=[x.cuda() for x in xs], backend=backend)
     assert counts.device.type == "cuda" and counts.cpu().tolist() == counts_ref.tolist()
     assert all(torch.equal(w.cpu(), e) for w, e in zip(ws, expected))
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(root / "scripts" / "aot_compile_soft_threshold.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("B cubin") == 8  # 4 dtypes x 2 architectures

@@ -279,3 +279,28 @@ def test_cli_parses_the_unstructured_flags():
     assert (cfg.method, cfg.sparsity, cfg.sparsity_scope, cfg.schedule, cfg.beta) == ("lats", 0.9, "layer", "continuation", 4.0)
     assert cfg.sparsify_first and cfg.sparsify_classifier
     cfg.validate()
+
+
+@pytest.mark.slow
+def test_sparsity_experiment_smoke_setting(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results = tmp_path / "results"
+    command = [sys.executable, str(root / "experiments" / "sparsity_accuracy.py"), "--setting", "smoke", "--runs-dir",
+               str(tmp_path / "runs"), "--results-dir", str(results)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    md = (results / "sparsity_accuracy_smoke.md").read_text()
+    for method in ("lats", "slats", "magnitude"):
+        assert f"| small_cnn | 90% | {method} |" in md
+    assert "fine-tuning kept every mask (yes)" in md
+    assert (results / "sparsity_accuracy_smoke.png").stat().st_size > 0
+    data = json.loads((results / "sparsity_accuracy_smoke.json").read_text())
+    assert len(data["records"]) == 6 and all(r["abs_error_points"] < 1 for r in data["records"])
+    assert all(p["seeds"] == [0, 1] for p in data["points"])
