@@ -252,3 +252,10 @@ def test_triton_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("B cubin") == 8  # 4 dtypes x 2 architectures
+
+
+def test_cuda_kernel_is_registered_with_the_cuda_build():
+    # CI builds the CUDA kernels (no GPU runs them): the soft threshold must be among them
+    if not cf.cuda_kernels_built():
+        pytest.skip("the extension was built without its CUDA kernels")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("catalyst_fused::soft_threshold_", "CUDA")
