@@ -259,3 +259,28 @@ def test_cuda_kernel_is_registered_with_the_cuda_build():
     if not cf.cuda_kernels_built():
         pytest.skip("the extension was built without its CUDA kernels")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("catalyst_fused::soft_threshold_", "CUDA")
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="the compiled extension is not built")
+def test_benchmark_runs_on_the_harness_and_writes_its_csv(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "soft_threshold.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "soft_threshold.py"), "--weight-sets", "resnet56",
+                           "--providers", "eager,cpp,triton", "--reps", "3", "--warmup", "1", "--rounds", "1",
+                           "--threads", "1", "--out", str(out)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skip triton/update: the Triton backend is timed on CUDA only" in done.stdout
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["provider"] for r in rows) == ["cpp", "eager", "floor"]
+    for r in rows:
+        assert r["mode"] == "update" and int(r["n_tensors"]) == 57 and int(r["n_params"]) == 850_864
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+    assert float(next(r for r in rows if r["provider"] == "eager")["speedup_vs_eager"]) == pytest.approx(1.0)
