@@ -23,6 +23,7 @@ from .functional import (
     split_per_weight,
 )
 from .layout import GroupLayout, Slices
+from .sparsity import soft_threshold_
 from .backends.triton_ops import triton_available
 from .operators import cpp_available, cuda_kernels_built
 
@@ -69,6 +70,7 @@ __all__ = [
     "penalty_",
     "reference",
     "resolve_backend",
+    "soft_threshold_",
     "split_per_weight",
     "triton_available",
 ]

@@ -4,6 +4,7 @@
     python -m catalyst_fused.prune --out runs/digits --resume          # continue an interrupted run
     python -m catalyst_fused.prune --formulation bypass --opt2-epochs 5  # extended model psi = Dx - Dbar x + sigma(x)
     python -m catalyst_fused.prune --export onnx,pt2 --round-to 8    # deployable files; kernel-friendly widths
+    python -m catalyst_fused.prune --method lats --sparsity 0.9 --out runs/lats  # unstructured: 90% zero weights
 
 Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
 :mod:`catalyst_fused.pruning.workflow` for what each stage does.
@@ -71,12 +72,23 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODEL_NAMES
     from .pruning.formulations import FORMULATIONS
     from .pruning.methods import METHODS
     from .pruning.targets import MODES
+    from .pruning.unstructured import SCHEDULES, SCOPES, SPARSITY_METHODS
     from .pruning.workflow import PruneConfig
 
     d = PruneConfig()
@@ -84,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--data-root", default=None, help="dataset directory (cifar10/cifar100/imagefolder)")
-    p.add_argument("--method", choices=list(METHODS), default=d.method,
-                   help="catalyst, or a baseline on the same kernels: group_lasso, slimming, lats, lats_group")
+    p.add_argument("--method", choices=list(METHODS) + list(SPARSITY_METHODS), default=d.method,
+                   help="catalyst, or a channel baseline on the same kernels: group_lasso, slimming, lats_channel, "
+                        "lats_group; or unstructured pruning to --sparsity: lats (soft-threshold reparameterisation, "
+                        "Chen et al. 2023), magnitude")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="catalyst groups: BN scales, filters, or coupled groups")
     p.add_argument("--formulation", choices=FORMULATIONS, default=d.formulation,
                    help="regularizer: d only in R (default); bypass: extended model psi(x) = D x - Dbar x + sigma(x), "
@@ -151,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=_int_at_least(1), default=None,
                    help="use only the first N training samples (smoke runs)")
     p.add_argument("--test-limit", type=_int_at_least(1), default=None, help="use only the first N test samples (smoke runs)")
+    p.add_argument("--sparsity", type=_fraction, default=None,
+                   help="lats/magnitude: target fraction of zero weights over the sparsified tensors, in [0, 1)")
+    p.add_argument("--sparsity-scope", choices=SCOPES, default=d.sparsity_scope,
+                   help="global: one threshold over all sparsified tensors; layer: every tensor at --sparsity")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="lats threshold schedule: lats (cumulative per-epoch cosine lr), slats (x + sin(pi x)/pi), "
+                        "continuation (L1 coefficient growing by --beta over the run)")
+    p.add_argument("--beta", type=_positive_float, default=d.beta, help="continuation schedule: growth factor")
+    p.add_argument("--sparsify-first", action="store_true", help="lats/magnitude: also sparsify the first layer")
+    p.add_argument("--sparsify-classifier", action="store_true",
+                   help="lats/magnitude: also sparsify the last layer (the classifier)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption

@@ -226,7 +226,7 @@ def test_frozen_weights_get_no_penalty_gradient():
 
 def test_baselines_have_no_stop_rule_and_lats_needs_a_learning_rate():
     model = _warm(UserNet())
-    lats = cf.Pruner(model, (3, 8, 8), method="lats", gamma=0.1)
+    lats = cf.Pruner(model, (3, 8, 8), method="lats_channel", gamma=0.1)
     assert lats.regularize() is None and not lats.all_decided()
     with pytest.raises(ValueError, match="learning rate"):
         lats.after_step()
@@ -274,7 +274,7 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="mode"):
         cf.Pruner(model, (3, 8, 8), mode="rows")
     with pytest.raises(ValueError, match="--method"):
-        cf.Pruner(model, (3, 8, 8), method="magnitude")
+        cf.Pruner(model, (3, 8, 8), method="random")
     with pytest.raises(ValueError, match="example_inputs"):
         cf.Pruner(model, "3x8x8")
     with pytest.raises(TypeError, match="nn.Module"):

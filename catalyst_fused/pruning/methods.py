@@ -4,24 +4,24 @@ Every method trains the same target set (the groups of :mod:`.targets`) during t
 ("opt1"), turns it into one *decision statistic* per channel, in decades, where larger means "prune", and
 owns its decision rule and its stop rule:
 
-=============== ============================================ ==================================== ==========
-method          training (objective / step)                  statistic ``s``                      decision
-=============== ============================================ ==================================== ==========
-``catalyst``    ``L + gamma R(W, d)``, ``d`` trained          ``log10 c = log10 |d| / n``         ``s > kappa``
-``group_lasso`` ``L + gamma sum_i n_i`` (``d = 1``, frozen)   ``-log10 n``                         see below
-``slimming``    ``L + gamma sum_i |bn.gamma_i|`` (BN mode)    ``-log10 |bn.gamma|``                see below
-``lats``        elementwise soft threshold (proximal L1)     ``-log10 n``                         see below
-``lats_group``  group soft threshold (proximal Group Lasso)  ``-log10 n``                         see below
-=============== ============================================ ==================================== ==========
+================ ============================================ ==================================== ==========
+method           training (objective / step)                  statistic ``s``                      decision
+================ ============================================ ==================================== ==========
+``catalyst``     ``L + gamma R(W, d)``, ``d`` trained          ``log10 c = log10 |d| / n``         ``s > kappa``
+``group_lasso``  ``L + gamma sum_i n_i`` (``d = 1``, frozen)   ``-log10 n``                         see below
+``slimming``     ``L + gamma sum_i |bn.gamma_i|`` (BN mode)    ``-log10 |bn.gamma|``                see below
+``lats_channel`` elementwise soft threshold (proximal L1)     ``-log10 n``                         see below
+``lats_group``   group soft threshold (proximal Group Lasso)  ``-log10 n``                         see below
+================ ============================================ ==================================== ==========
 
 * Group Lasso and network slimming are the Catalyst penalty with constant catalysts (catalyst-method.md
   section 2), so they run through the same fused ``penalty_`` call; only the catalyst gradient is dropped.
   Network slimming always uses BN-scale groups without the shift (its definition, Liu et al. 2017).
 * LATS (section 7) is proximal SGD with a constant ``lam = gamma``: after every optimizer step the weights
   are soft-thresholded by ``gamma * lr``, so the cumulative threshold is ``t_k = gamma * sum_{s<k} lr_s``
-  (the LATS schedule; reported as ``final_threshold``). ``lats`` thresholds every element of the tensors
-  that hold the groups (unstructured, its original form; a channel becomes removable when its whole group
-  is zero); ``lats_group`` scales each group by ``max(0, 1 - gamma lr / n_i)``, the proximal step of Group
+  (the LATS schedule; reported as ``final_threshold``). ``lats_channel`` thresholds every element of the
+  tensors that hold the groups (one fused ``cf.soft_threshold_`` call; a channel becomes removable when its
+  whole group is zero); ``lats_group`` scales each group by ``max(0, 1 - gamma lr / n_i)``, the proximal step of Group
   Lasso, with the norms from the fused kernel.
 * Catalyst decides by itself: a channel is *decided* when ``|log10 c| > kappa`` and pruned when decided with
   ``c > 1``; its stop rule is "every channel decided". The baselines have no notion of "undecided" and no
@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import functional as F_cf
+from .. import sparsity as F_cf_sparsity
 
 __all__ = [
     "METHODS",
@@ -315,14 +316,15 @@ class _SoftThreshold(PruningMethod):
         return {"final_threshold": self.threshold}
 
 
-class LATS(_SoftThreshold):
-    """Elementwise soft threshold with the LATS schedule (proximal L1, ``lam = gamma`` constant)."""
+class LATSChannel(_SoftThreshold):
+    """Elementwise soft threshold with the LATS schedule (proximal L1, ``lam = gamma`` constant), channels then
+    ranked by group norm: a structured baseline. (Published, unstructured LATS is ``method="lats"``:
+    :mod:`.unstructured`.)"""
 
-    name = "lats"
+    name = "lats_channel"
 
     def _threshold_(self, ts, tau: float) -> None:
-        for w in ts.weights:
-            w.copy_(torch.sign(w) * (w.abs() - tau).clamp_min(0))
+        F_cf_sparsity.soft_threshold_(ts.weights, tau)  # in place, every tensor in one call
 
 
 class LATSGroup(_SoftThreshold):
@@ -357,12 +359,13 @@ def scale_groups_(weights: Sequence[torch.Tensor], layout, factors: torch.Tensor
         w.narrow(dim, start, count).mul_(f.view(shape))
 
 
-METHODS: dict[str, type] = {m.name: m for m in (Catalyst, GroupLasso, NetworkSlimming, LATS, LATSGroup)}
+METHODS: dict[str, type] = {m.name: m for m in (Catalyst, GroupLasso, NetworkSlimming, LATSChannel, LATSGroup)}
 
 
 def get_method(name: str) -> PruningMethod:
     if name not in METHODS:
-        raise ValueError(f"--method: unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"--method: unknown method {name!r}; choose one of: {', '.join(METHODS)} (channels), "
+                         "lats, magnitude (unstructured, with --sparsity)")
     return METHODS[name]()
 
 

@@ -55,6 +55,7 @@ from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
 from .surgery import ParameterSlices, keep_indices, narrow_tensor, prune_model, remap_targets, slice_optimizer_state_
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, example_batch, find_targets
+from .unstructured import is_unstructured
 
 __all__ = ["Pruner", "CatalystPruner", "PruningStats", "TargetStats", "PruneSummary"]
 
@@ -131,8 +132,10 @@ class Pruner:
         model: the network to prune (changed in place by :meth:`prune`, and by the bypass formulation).
         example_inputs: what ``model`` is called with for the one trace that finds the coupled groups: a
             batch tensor, a tuple or dict of tensors, or one sample's shape such as ``(3, 32, 32)``.
-        method: ``"catalyst"`` or a baseline (``"group_lasso"``, ``"slimming"``, ``"lats"``,
-            ``"lats_group"``); see :mod:`.methods`.
+        method: ``"catalyst"`` or a channel baseline (``"group_lasso"``, ``"slimming"``, ``"lats_channel"``,
+            ``"lats_group"``); see :mod:`.methods`. The unstructured methods ``"lats"`` and ``"magnitude"``
+            return a :class:`~.unstructured.SparsityPruner` instead (same loop; arguments ``sparsity``,
+            ``scope``, ``schedule``, ``total_steps``, ... in :mod:`.unstructured`).
         mode: which slices form a channel's group: ``"group"`` (every coupled slice), ``"bn"`` (BN scale and
             shift), ``"filter"`` (producer rows).
         formulation: ``"regularizer"`` or ``"bypass"`` (the extended model; Catalyst only).
@@ -156,6 +159,15 @@ class Pruner:
         ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
             formulation the model cannot carry.
     """
+
+    def __new__(cls, *args, method: str = "catalyst", **kwargs):
+        # Unstructured methods (LATS, magnitude) have no channels to decide: the same call returns their own
+        # pruner, with the same loop (pruning/unstructured.py).
+        if cls is Pruner and is_unstructured(method):
+            from .unstructured import SparsityPruner
+
+            return SparsityPruner(*args, method=method, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..formulations import FORMULATIONS
+from ..unstructured import is_unstructured
 from .calibration import calibrate_c0, gamma_t, predict_speedup
 from .config import AFTER_RUN_FIELDS, RUN_ONLY_FIELDS, PruneConfig
 from .plots import HIST_BINS
@@ -122,7 +123,10 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
         inputs = RunInputs.from_objects(config, model, train_data, test_data, example_inputs, loss_fn)
         run = Run(config, state, inputs, log=log, stop_after_epochs=stop_after_epochs)
         dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in run.excluded) or "none"
-        log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
+        if is_unstructured(config.method):
+            log(f"targets: {len(run.targets)} tensors, {sum(t.numel for t in run.targets)} weights; left dense: {dropped}")
+        else:
+            log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
         try:
             run_stages(run)
         except Interrupt as stop:

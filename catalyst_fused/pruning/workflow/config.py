@@ -13,6 +13,7 @@ from ...models import MODEL_NAMES
 from ..formulations import FORMULATIONS
 from ..methods import get_method
 from ..targets import MODES
+from ..unstructured import SCHEDULES, SCOPES, is_unstructured
 
 __all__ = ["PruneConfig", "RUN_ONLY_FIELDS", "AFTER_RUN_FIELDS"]
 
@@ -76,6 +77,13 @@ class PruneConfig:
     norm_threshold: float = 1e-2  # baselines without a target speed-up: remove groups with n_i <= this
     noise_level: float = 0.01  # relative weight noise for the decision-robustness figure
     noise_draws: int = 5
+    # unstructured methods (lats, magnitude; workflow/unstructured.py)
+    sparsity: Optional[float] = None  # target fraction of zero weights over the sparsified tensors
+    sparsity_scope: str = "global"  # "global": one threshold over all tensors; "layer": each tensor at --sparsity
+    schedule: str = "lats"  # LATS threshold schedule: lats | slats | continuation
+    beta: float = 10.0  # continuation: growth of the L1 coefficient over the run
+    sparsify_first: bool = False  # also sparsify the first conv/linear layer
+    sparsify_classifier: bool = False  # also sparsify the last one (the classifier)
 
     def validate(self, *, named_model: bool = True, named_data: bool = True) -> None:
         """Raises ValueError naming the flag of the first bad option. ``named_model`` / ``named_data``: the
@@ -86,7 +94,13 @@ class PruneConfig:
             raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        get_method(self.method)  # raises for an unknown --method
+        if is_unstructured(self.method):
+            self._validate_unstructured()
+        else:
+            get_method(self.method)  # raises for an unknown --method
+            if self.sparsity is not None:
+                raise ValueError(f"--sparsity is the target of the unstructured methods (--method lats|magnitude); --method "
+                                 f"{self.method} prunes channels (--target-speedup)")
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"--formulation: unknown formulation {self.formulation!r}; choose one of: {', '.join(FORMULATIONS)}")
         if self.formulation == "bypass" and self.method != "catalyst":
@@ -157,6 +171,24 @@ class PruneConfig:
             raise ValueError(f"--data-root is required for --dataset {self.dataset}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+
+    def _validate_unstructured(self) -> None:
+        if self.sparsity is None:
+            raise ValueError(f"--method {self.method} needs --sparsity (the target fraction of zero weights, e.g. 0.9); "
+                             "the channel baseline that was called lats is now --method lats_channel")
+        value = self.sparsity
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 <= value < 1):
+            raise ValueError(f"--sparsity must be a number in [0, 1), got {value!r}")
+        if self.sparsity_scope not in SCOPES:
+            raise ValueError(f"--sparsity-scope: unknown scope {self.sparsity_scope!r}; choose one of: {', '.join(SCOPES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        self._finite("beta", positive=True)
+        if self.target_speedup is not None:
+            raise ValueError(f"--target-speedup is a channel-pruning target; --method {self.method} takes --sparsity "
+                             "(unstructured zeros do not change the dense FLOPs)")
+        if self.method == "lats" and isinstance(self.epochs, int) and self.epochs < 1:
+            raise ValueError("--epochs must be >= 1 for --method lats: its threshold rises over the sparsify epochs")
 
     def _finite(self, name: str, *, positive: bool = False, minimum: Optional[float] = None) -> None:
         value = getattr(self, name)

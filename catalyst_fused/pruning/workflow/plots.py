@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["HIST_BINS", "make_plots"]
 
 HIST_BINS = [float(b) for b in np.arange(-12.0, 12.5, 0.5)]  # log10 c histogram bin edges (+-inf clipped)
-_STAGE_SHADES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+_STAGE_SHADES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done", "sparsify", "masks")
 
 
 def make_plots(out: Path, kappa: float, opt1, history: list, log) -> list[str]:

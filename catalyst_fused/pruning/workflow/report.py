@@ -19,8 +19,9 @@ from ..latency import LatencyRow, LatencyTable
 from .config import PruneConfig
 
 __all__ = [
-    "StageEval", "Calibration", "Opt1Report", "PruneStageReport", "Opt2Report", "Stages", "Accuracy", "Cost",
-    "Report", "Interrupted", "json_safe", "write_json_atomic", "LatencyRow", "LatencyTable",
+    "StageEval", "Calibration", "Opt1Report", "PruneStageReport", "Opt2Report", "SparsifyReport", "MaskReport",
+    "Stages", "Accuracy", "Cost", "Report", "Interrupted", "json_safe", "write_json_atomic", "LatencyRow",
+    "LatencyTable",
 ]
 
 
@@ -136,8 +137,60 @@ class Opt2Report(_Section):
     samples: Optional[int] = None
 
 
+@dataclass
+class SparsifyReport(_Section):
+    """Unstructured path (workflow/unstructured.py): the sparsity-inducing training."""
+
+    method: str
+    target_sparsity: float
+    scope: str
+    schedule: Optional[str]
+    beta: Optional[float]
+    tensors: int
+    elements: int
+    total_steps: Optional[int]
+    steps_per_epoch: int
+    initial_sparsity: float
+    lr_schedule: str
+    epochs_run: int = 0
+    steps: int = 0
+    sparsity: Optional[float] = None
+    final_threshold: Optional[list] = None
+    threshold_history: list = field(default_factory=list)  # every re-estimate of the final threshold
+    accuracy: Optional[float] = None
+    loss: Optional[float] = None
+    samples: Optional[int] = None
+
+
+@dataclass
+class MaskReport(_Section):
+    """Unstructured path: the masks fixed, the real sparsity against the target."""
+
+    method: str
+    target_sparsity: float
+    scope: str
+    sparsity: float
+    abs_error_points: float
+    within_one_point: bool
+    zeros: int
+    elements: int
+    per_tensor: dict
+    model_params: int
+    model_zeros: int
+    model_sparsity: float
+    final_threshold: list
+    accuracy_before: float
+    accuracy_after: float
+    max_abs_logit_change: float
+    samples: int
+    dense_macs: int
+    nonzero_macs: int
+    macs_note: str
+    sparsity_after_finetune: Optional[float] = None
+
+
 _STAGE_TYPES = {"dense": StageEval, "calibration": Calibration, "opt1": Opt1Report, "prune": PruneStageReport,
-                "opt2": Opt2Report, "finetune": StageEval}
+                "opt2": Opt2Report, "finetune": StageEval, "sparsify": SparsifyReport, "masks": MaskReport}
 
 
 @dataclass
@@ -150,6 +203,8 @@ class Stages:
     prune: Optional[PruneStageReport] = None
     opt2: Optional[Opt2Report] = None
     finetune: Optional[StageEval] = None
+    sparsify: Optional[SparsifyReport] = None  # the unstructured path's two stages
+    masks: Optional[MaskReport] = None
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).to_dict() for name in _STAGE_TYPES if getattr(self, name) is not None}

@@ -27,6 +27,7 @@ from ...data import load_dataset, make_loader
 from ...models import build_model
 from ..metrics import count_flops, count_params, evaluate
 from ..pruner import Pruner
+from ..unstructured import is_unstructured
 from .config import PruneConfig
 from .report import Stages
 from .training import Diverged
@@ -35,7 +36,7 @@ __all__ = ["RunState", "RunInputs", "Run", "Interrupt", "CHECKPOINT_FORMAT", "sa
            "OutputBusyError"]
 
 CHECKPOINT_FORMAT = "catalyst_fused.checkpoint/2"
-STAGE_ORDER = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+STAGE_ORDER = ("dense", "calibrate", "opt1", "prune", "opt2", "sparsify", "masks", "finetune", "done")
 
 
 class Interrupt(Exception):
@@ -261,8 +262,14 @@ class Run:
         self.stages = Stages.from_dict(state.stages)
         self.model = self.new_model()
         # The groups this run regularises (config errors surface now); the pruner reuses them.
-        self.targets, self.excluded = Pruner.plan(
-            self.model, self.input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation, bn_beta=cfg.bn_beta)
+        if is_unstructured(cfg.method):  # the tensors it sparsifies (workflow/unstructured.py)
+            from .unstructured import plan
+
+            self.targets, self.excluded = plan(self.model, cfg, self.input_shape)
+        else:
+            self.targets, self.excluded = Pruner.plan(
+                self.model, self.input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation,
+                bn_beta=cfg.bn_beta)
         self.dense_cost = {"flops": count_flops(self.model, self.input_shape), "params": count_params(self.model)}
         self.pruner: Optional[Pruner] = None
         if not fresh:
@@ -279,6 +286,10 @@ class Run:
 
     def new_pruner(self, c0: float) -> Pruner:
         """The run's pruner on the run's model (reusing the targets found at the start)."""
+        if is_unstructured(self.cfg.method):
+            from . import unstructured
+
+            return unstructured.make_pruner(self)
         from .calibration import make_pruner
 
         return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets)

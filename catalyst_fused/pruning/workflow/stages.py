@@ -291,8 +291,12 @@ STAGES = (("dense", dense), ("calibrate", calibrate), ("opt1", opt1), ("prune", 
 
 
 def run_stages(run: Run) -> None:
-    """Runs every stage from the one the state is at (a stage that is not reached is skipped)."""
-    for name, stage in STAGES:
+    """Runs every stage from the one the state is at (a stage that is not reached is skipped). Unstructured
+    methods (lats, magnitude) run their own stages (unstructured.py): no channel is removed."""
+    from ..unstructured import is_unstructured
+    from .unstructured import UNSTRUCTURED_STAGES
+
+    for name, stage in UNSTRUCTURED_STAGES if is_unstructured(run.cfg.method) else STAGES:
         if run.state.stage == name:
             stage(run)
 
