@@ -485,7 +485,7 @@ def _roots(an: _Analysis, skip: set):
 
 def find_targets(model: nn.Module, example_inputs, *, return_excluded: bool = False, ignored_layers=None,
                  time_limit: Optional[float] = 900.0, memory_limit: Optional[float] = 8 * 2**30,
-                 group_time_limit: Optional[float] = 60.0):
+                 group_time_limit: Optional[float] = 60.0, verify: bool = True):
     """Every prunable group of coupled channels of ``model`` (see the module docstring), in the order of
     the targets' names in ``model.named_modules()``.
 
@@ -500,8 +500,11 @@ def find_targets(model: nn.Module, example_inputs, *, return_excluded: bool = Fa
             parameter owner is excluded, as are the heads of an attention module inside one of them.
         time_limit: seconds the whole analysis may take (None: no limit).
         memory_limit: bytes the process's resident memory may grow by during the analysis (None: no limit).
-        group_time_limit: seconds DepGraph's search for one group may take; a group past it is excluded with
-            that reason and the analysis goes on (None: no limit).
+        group_time_limit: seconds DepGraph's search for one group may take; a group past it (or past half of
+            ``memory_limit``) is excluded with that reason and the analysis goes on (None: no limit).
+        verify: remove one channel of every target from a copy of the model and check that it computes what
+            the masked model does (:func:`~catalyst_fused.pruning.surgery.mask_model`) on random inputs of
+            the example's shape; targets that fail (e.g. a width written in the forward code) are excluded.
 
     Raises:
         ValueError: for bad ``example_inputs``, ``ignored_layers`` or limits, or a model that DepGraph cannot
@@ -517,20 +520,21 @@ def find_targets(model: nn.Module, example_inputs, *, return_excluded: bool = Fa
     hint = "pass a larger time_limit / memory_limit to find_targets, or ignored_layers to leave a part of the model out"
     try:
         with bounded(f"find_targets on {type(model).__name__}", time_limit, memory_limit, hint=hint):
-            return _find(model, example, ignored, return_excluded, group_time_limit)
+            return _find(model, example, ignored, return_excluded, group_time_limit,
+                         None if memory_limit is None else memory_limit / 2, verify)
     finally:
         for m, training in modes.items():  # build_dependency leaves the model in eval mode
             m.training = training
 
 
-def _find(model, example, ignored: set, return_excluded: bool, group_time_limit):
+def _find(model, example, ignored: set, return_excluded: bool, group_time_limit, group_memory_limit, verify: bool):
     sites, excluded = find_attention(model)
     skip = {m for s in sites for m in s.projections}
     try:
         with torch.enable_grad(), record(model) as rec:  # DepGraph traces through autograd
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example, forward_fn=run_example, verbose=False,
-                output_transform=lambda out: rec.set_outputs(out) or out)
+                output_transform=rec.set_outputs)
     except AnalysisLimitError:
         raise
     except Exception as exc:
@@ -540,7 +544,7 @@ def _find(model, example, ignored: set, return_excluded: bool, group_time_limit)
     targets = []
     for root, thunk in _roots(an, skip):
         try:
-            with bounded(f"Torch-Pruning's search for the group of {root}", group_time_limit, None):
+            with bounded(f"Torch-Pruning's search for the group of {root}", group_time_limit, group_memory_limit):
                 group = thunk()
         except AnalysisLimitError as exc:
             excluded.append({"producers": [root], "reason": f"{exc} (a known blow-up of its index mapping)"})
@@ -580,7 +584,77 @@ def _find(model, example, ignored: set, return_excluded: bool, group_time_limit)
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"find_targets: several groups share their first producer {dup}")
     targets.sort(key=lambda t: an.key(t.name))
+    if verify and targets:
+        targets = _verify(model, example, targets, excluded)
     return (targets, excluded) if return_excluded else targets
+
+
+def _trial_inputs(example):
+    """The example with its floating-point tensors replaced by seeded random values (zeros can hide errors)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+        return t
+
+    if isinstance(example, dict):
+        return {k: rand(v) for k, v in example.items()}
+    if isinstance(example, tuple):
+        return tuple(rand(t) for t in example)
+    return rand(example)
+
+
+def _verify(model: nn.Module, example, targets: list, excluded: list) -> list:
+    """Removes one channel of every target from a copy of the model and compares it with the masked copy on
+    the example inputs; targets whose removal breaks the forward pass or changes its result (sizes written
+    in the forward code, a mapping error) are moved to ``excluded``. One check for all targets, then one
+    per target only if that fails."""
+    from .surgery import mask_model, prune_model  # surgery imports this module
+
+    x = _trial_inputs(example)
+
+    def outputs(m):
+        tensors: list = []
+        with torch.no_grad():
+            _flatten_outputs(run_example(m.eval(), x), tensors)
+        return [t for t in tensors if t.is_floating_point()]
+
+    def problem(subset) -> Optional[str]:
+        keep = {t.name: list(range(1, t.channels)) for t in subset if t.channels > 1}
+        try:
+            got, want = outputs(prune_model(model, subset, keep)), outputs(mask_model(model, subset, keep))
+        except Exception as exc:
+            return f"removing channels breaks the forward pass ({type(exc).__name__}: {exc})"
+        if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+            return "removing channels changes the shapes of the model's outputs"
+        for a, b in zip(got, want):
+            scale = max(float(b.abs().max()) if b.numel() else 0.0, 1.0)
+            if not bool(torch.isfinite(a).all()) or float((a - b).abs().max()) > 1e-4 * scale:
+                return "removing channels does not give the masked model's outputs (sizes in the forward code?)"
+        return None
+
+    if problem(targets) is None:
+        return targets
+    kept = []
+    for t in targets:
+        reason = problem([t])
+        if reason is None:
+            kept.append(t)
+        else:
+            excluded.append({"producers": [p.module for p in t.producers], "reason": reason})
+    return kept
+
+
+def _flatten_outputs(out, into: list) -> None:
+    if isinstance(out, torch.Tensor):
+        into.append(out)
+    elif isinstance(out, dict):
+        for v in out.values():
+            _flatten_outputs(v, into)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            _flatten_outputs(v, into)
 
 
 @dataclass

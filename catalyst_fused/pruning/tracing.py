@@ -199,11 +199,13 @@ class record:
         self._outputs: set = set()
         self.trace: Optional[Trace] = None
 
-    def set_outputs(self, out) -> None:
+    def set_outputs(self, out) -> list:
+        """Records the model's outputs; returns its tensors as a list (what DepGraph walks back from)."""
         tensors: list = []
         _flatten(out, tensors)
         self._outputs |= {_key(t) for t in tensors}
         self._rec.keep_alive.extend(tensors)
+        return tensors
 
     def __enter__(self) -> "record":
         self._handles = [_module_hooks.register_module_forward_pre_hook(self._rec.pre_hook),
