@@ -266,3 +266,37 @@ def test_llama_gqa_heads_gated_mlp_and_rms_norms():
     attn = pruned.model.layers[0].self_attn
     assert attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8
     _assert_layout_matches_reference(model, targets)
+
+
+def _tiny_bert():
+    T = pytest.importorskip("transformers")
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                       max_position_embeddings=32, num_labels=3)
+    return T.BertForSequenceClassification(cfg).eval(), "bert.encoder.layer.0.attention.self"
+
+
+def _tiny_timm_vit():
+    vt = pytest.importorskip("timm.models.vision_transformer")
+    model = vt.VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=4, num_classes=3)
+    return model.eval(), "blocks.0.attn"
+
+
+@pytest.mark.parametrize("make", [_tiny_bert, _tiny_timm_vit], ids=["hf_bert", "timm_vit"])
+def test_bert_and_timm_attention_heads_prune_like_the_mask(make):
+    torch.manual_seed(0)
+    model, site = make()
+    if make is _tiny_bert:
+        example, x = {"input_ids": torch.randint(0, 64, (1, 6))}, {"input_ids": torch.randint(0, 64, (2, 6))}
+        run = lambda m: m(**x).logits  # noqa: E731
+    else:
+        example, x = torch.randn(1, 1, 8, 8), torch.randn(2, 1, 8, 8)
+        run = lambda m: m(x)  # noqa: E731
+    targets = find_targets(model, example)
+    (heads,) = [t for t in targets if t.attention == site]
+    assert heads.channels == 4 and heads.head_dim == 8
+    keep = {heads.name: [0, 3], **{t.name: list(range(0, t.channels, 2)) for t in targets if not t.attention}}
+    pruned, masked = prune_model(model, targets, keep).eval(), mask_model(model, targets, keep).eval()
+    with torch.no_grad():
+        want, got = run(masked), run(pruned)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * max(1.0, float(want.abs().max())))
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
