@@ -3,6 +3,7 @@
     python -m catalyst_fused.prune --model small_cnn --dataset digits --mode group --out runs/digits
     python -m catalyst_fused.prune --out runs/digits --resume          # continue an interrupted run
     python -m catalyst_fused.prune --formulation bypass --opt2-epochs 5  # extended model psi = Dx - Dbar x + sigma(x)
+    python -m catalyst_fused.prune --export onnx,pt2 --round-to 8    # deployable files; kernel-friendly widths
 
 Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
 :mod:`catalyst_fused.pruning.workflow` for what each stage does.
@@ -131,7 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device)
     p.add_argument("--image-size", type=_int_at_least(1), default=None,
                    help="input resolution (default: 8 for small_cnn on digits, else 32)")
-    p.add_argument("--latency-batch", type=_int_at_least(1), default=d.latency_batch)
+    p.add_argument("--latency-batch", type=_int_at_least(1), default=d.latency_batch,
+                   help="latency is measured at batch 1 and this batch size")
+    p.add_argument("--latency", default=d.latency,
+                   help="runtimes the dense and pruned models are timed in, comma-separated from eager, compile, "
+                        "onnxruntime (eager always; default: all three)")
+    p.add_argument("--latency-threads", default=d.latency_threads, help="thread counts timed, comma-separated")
+    p.add_argument("--latency-repeats", type=_int_at_least(3), default=d.latency_repeats,
+                   help="timed samples per model and setting")
+    p.add_argument("--export", default=d.export,
+                   help="export the pruned model: onnx, pt2 or onnx,pt2 (pruned_model.onnx / .pt2 in --out, each checked "
+                        "against the eager model on test inputs; onnx needs the [export] extra). With --resume on a "
+                        "finished run: export it (and retake the latency figures) without training")
+    p.add_argument("--round-to", type=_int_at_least(1), default=d.round_to,
+                   help="round every kept width up to a multiple of this (e.g. 8 or 16) by keeping the least-pruned "
+                        "extra channels; 1 = no rounding")
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
     p.add_argument("--train-limit", type=_int_at_least(1), default=None,
                    help="use only the first N training samples (smoke runs)")
@@ -169,6 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(exc))
     if result.status == "diverged":
         print(f"error: {result.error} (report: {cfg.out}/report.json)", file=sys.stderr)
+        return 1
+    failed = [f"{fmt}: {r['error']}" for fmt, r in (getattr(result, "exports", None) or {}).items() if not r["ok"]]
+    if failed:
+        print(f"error: export failed: {'; '.join(failed)} (report: {cfg.out}/report.json)", file=sys.stderr)
         return 1
     return 0
 

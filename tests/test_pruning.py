@@ -23,6 +23,7 @@ from catalyst_fused.pruning import (
     count_flops,
     count_params,
     find_targets,
+    load_pruned,
     mask_model,
     predict_speedup,
     prune_model,
@@ -193,10 +194,10 @@ def test_pipeline_prunes_verifies_and_reports(tmp_path, tiny_config, quiet):
     assert on_disk["accuracy"]["after_opt2"] is None and not any(h["stage"] == "opt2" for h in on_disk["history"])
     opt1 = next(h for h in on_disk["history"] if h["stage"] == "opt1")
     assert opt1["stage"] == "opt1" and "fraction_decided" in opt1 and "hist" in opt1["layers"]["conv1"]
-    saved = torch.load(tmp_path / "run" / "pruned_model.pt", weights_only=False)
-    out = saved["model"].eval()(torch.randn(2, 1, 8, 8))
+    saved = load_pruned("small_cnn", tmp_path / "run")  # the safe files: weights + spec, rebuilt from the definition
+    out = saved.eval()(torch.randn(2, 1, 8, 8))
     assert out.shape == (2, 10)
-    assert count_params(saved["model"]) == cost["pruned"]["params"]
+    assert count_params(saved) == cost["pruned"]["params"]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_config, quiet):
@@ -277,7 +278,7 @@ def test_cli_runs_a_tiny_configuration(tmp_path):
     out = tmp_path / "cli"
     code = cli.main(["--out", str(out), "--dense-epochs", "1", "--epochs", "1", "--finetune-epochs", "0",
                      "--no-progress", "--no-plots", "--gamma", "0.5", "--c0", "2", "--kappa", "1",
-                     "--stop-after-epochs", "1"])
+                     "--latency", "eager", "--stop-after-epochs", "1"])
     assert code == 0
     assert (out / "checkpoint.pt").exists()
     assert cli.main(["--out", str(out), "--resume"]) == 0

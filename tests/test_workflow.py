@@ -170,7 +170,7 @@ def test_run_pipeline_takes_a_users_model_data_and_loss(tmp_path, quiet):
 
     cfg = PruneConfig(model="my_net", dataset="my_data", out=str(tmp_path / "own"), dense_epochs=1, epochs=2,
                       finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0, batch_size=16, progress=False, plots=False,
-                      latency_batch=4)
+                      latency_batch=4, latency="eager", latency_repeats=3)
     report = run_pipeline(cfg, model=model, train_data=DataLoader(train, batch_size=5), test_data=test, loss_fn=loss_fn,
                           log=quiet)
     assert report.status == "done" and calls and report.input_shape == [2, 6, 6]

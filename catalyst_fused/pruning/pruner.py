@@ -50,7 +50,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .methods import Decision, PruningMethod, RuleContext, get_method
+from .methods import Decision, PruningMethod, RuleContext, get_method, round_widths
 from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
 from .surgery import ParameterSlices, keep_indices, narrow_tensor, prune_model, remap_targets, slice_optimizer_state_
@@ -98,7 +98,7 @@ class PruneSummary:
     channels_total: int
     channels_pruned: int
     undecided_total: int
-    per_target: dict  # name -> {"channels", "kept", "pruned", "undecided", "forced_keep"}
+    per_target: dict  # name -> {"channels", "kept", "pruned", "undecided", "forced_keep", "rounded"}
     keep: dict  # name -> kept channel indices (list of ints)
     decisions: list  # Decision per target (None when an explicit keep was given)
     macs_before: int
@@ -149,6 +149,8 @@ class Pruner:
             :meth:`regularize` runs.
         backend: kernel backend of the fused calls (``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``).
         targets: skip the trace and use these targets (e.g. from an earlier :func:`find_targets`).
+        round_to: round every kept width up to a multiple of this (8 or 16 suit CPU kernels) by keeping the
+            least-pruned extra channels (:func:`~catalyst_fused.pruning.methods.round_widths`); 1 = exact.
 
     Raises:
         ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
@@ -174,6 +176,7 @@ class Pruner:
         grad_scaler=None,
         backend: str = "auto",
         targets: Optional[Sequence[Target]] = None,
+        round_to: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner: model must be an nn.Module, got {type(model).__name__}")
@@ -198,6 +201,8 @@ class Pruner:
         self.catalyst_lr = None if catalyst_lr is None else _check_number("catalyst_lr", catalyst_lr, positive=True)
         self.grad_scaler = grad_scaler
         self.backend = backend
+        round_widths([], round_to)  # validates round_to
+        self.round_to = round_to
         self.steps = 0
         self.history: list[dict] = []  # one entry per prune(): the targets before it and the kept indices
         self._optimizers: list = []
@@ -325,11 +330,13 @@ class Pruner:
                           self.method.reaches_target_by_ranking else None)
         return self.method.rule(ctx)
 
-    def decisions(self, scores: Optional[Sequence[torch.Tensor]] = None) -> list[Decision]:
-        """The method's decision for every target (for the current weights unless ``scores`` are given)."""
+    def decisions(self, scores: Optional[Sequence[torch.Tensor]] = None, *, round_to: Optional[int] = None) -> list[Decision]:
+        """The method's decision for every target (for the current weights unless ``scores`` are given), kept
+        widths rounded up to a multiple of ``round_to`` (default: the pruner's; 1 = the rule's own decision)."""
         scores = self.scores() if scores is None else scores
-        return [Decision(t.name, s, prune, undecided, forced)
-                for t, s, (prune, undecided, forced) in zip(self.targets, scores, self.rule().decide(scores))]
+        decisions = [Decision(t.name, s, prune, undecided, forced)
+                     for t, s, (prune, undecided, forced) in zip(self.targets, scores, self.rule().decide(scores))]
+        return round_widths(decisions, self.round_to if round_to is None else round_to)
 
     def undecided(self, scores: Optional[Sequence[torch.Tensor]] = None) -> int:
         scores = self.scores() if scores is None else scores
@@ -348,7 +355,7 @@ class Pruner:
         # the margin needs the decisions; a ranking to a FLOPs target counts FLOPs of trial removals, too
         # costly for a per-epoch figure, so it is left out there
         ranked = self.target_speedup is not None and self.method.reaches_target_by_ranking
-        decisions = None if ranked else self.decisions(scores)
+        decisions = None if ranked else self.decisions(scores, round_to=1)
         per, total, decided, above = [], 0, 0, 0
         for t, s, u in zip(self.targets, scores, undecided):
             n_dec = int(s.numel() - int(u.sum()))
@@ -376,9 +383,11 @@ class Pruner:
             raise ValueError(f"prune: keep names {unknown}, which are not targets; targets are: {sorted(names)}")
         return {name: keep_indices(k, names[name].channels, f"keep[{name!r}] (target {name})") for name, k in keep.items()}
 
-    def prune(self, keep: Optional[Mapping[str, object]] = None, *, optimizer: Optional[torch.optim.Optimizer] = None) -> PruneSummary:
-        """Removes channels physically, in place: by the method's decisions, or the given ``keep`` (per target
-        name, a bool mask over its channels or integer indices; targets not named keep everything).
+    def prune(self, keep: Optional[Mapping[str, object]] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
+              round_to: Optional[int] = None) -> PruneSummary:
+        """Removes channels physically, in place: by the method's decisions (kept widths rounded up to a
+        multiple of ``round_to``, default the pruner's), or the given ``keep`` (per target name, a bool mask
+        over its channels or integer indices; targets not named keep everything).
 
         The model's modules keep their identity; the pruned layers get new, narrower parameters (with their
         gradients); the catalysts are narrowed; ``optimizer`` and every attached optimizer get the new
@@ -390,7 +399,7 @@ class Pruner:
         """
         decisions = None
         if keep is None:
-            decisions = self.decisions()
+            decisions = self.decisions(round_to=round_to)
             keep_idx = {d.target: d.keep for d in decisions if bool(d.prune.any())}
         else:
             keep_idx = {k: v for k, v in self._keep_from(keep).items() if v.numel() < next(
@@ -426,7 +435,8 @@ class Pruner:
             kept = len(keep_idx[t["name"]]) if t["name"] in keep_idx else t["channels"]
             per_target[t["name"]] = {"channels": t["channels"], "kept": kept, "pruned": t["channels"] - kept,
                                      "undecided": 0 if d is None else int(d.undecided.sum()),
-                                     "forced_keep": False if d is None else d.forced_keep}
+                                     "forced_keep": False if d is None else d.forced_keep,
+                                     "rounded": 0 if d is None else d.rounded}
         return PruneSummary(
             channels_total=sum(t["channels"] for t in targets_before),
             channels_pruned=sum(v["pruned"] for v in per_target.values()),

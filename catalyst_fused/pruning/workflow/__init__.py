@@ -65,7 +65,7 @@ from typing import Callable, Optional, Union
 
 from ..formulations import FORMULATIONS
 from .calibration import calibrate_c0, gamma_t, predict_speedup
-from .config import PruneConfig
+from .config import AFTER_RUN_FIELDS, RUN_ONLY_FIELDS, PruneConfig
 from .plots import HIST_BINS
 from .report import Interrupted, Report
 from .runner import Interrupt, OutputBusyError, OutputLock, Run, RunInputs, load_checkpoint
@@ -106,7 +106,10 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
         if ignored:
             log("warning: --resume continues with the saved configuration; these options differ from it and are "
                 "ignored: " + ", ".join(ignored))
-        saved.out, saved.progress, saved.plots = config.out, config.progress, config.plots
+        default = PruneConfig()
+        for name in RUN_ONLY_FIELDS:  # where and how to write: this call's; what to measure and export: this call's if set
+            if name not in AFTER_RUN_FIELDS or getattr(config, name) != getattr(default, name):
+                setattr(saved, name, getattr(config, name))
         config = saved
         config.validate(named_model=model is None, named_data=train_data is None and test_data is None)
         log(f"resuming {out / 'checkpoint.pt'}: stage {state.stage}, {state.epoch} epochs done")

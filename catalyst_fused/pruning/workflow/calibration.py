@@ -43,7 +43,7 @@ def make_pruner(model, cfg: PruneConfig, c0: float, input_shape, targets=None) -
     """The pruner a run with ``cfg`` attaches to ``model`` (``targets``: reuse an earlier trace)."""
     return Pruner(model, input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation, gamma=cfg.gamma,
                   c0=c0, kappa=cfg.kappa, bn_beta=cfg.bn_beta, target_speedup=cfg.target_speedup,
-                  norm_threshold=cfg.norm_threshold, catalyst_lr=cfg.catalyst_lr, targets=targets)
+                  norm_threshold=cfg.norm_threshold, catalyst_lr=cfg.catalyst_lr, targets=targets, round_to=cfg.round_to)
 
 
 def predict_speedup(dense_model, cfg: PruneConfig, train_set, c0: float, input_shape, device="cpu", targets=None,

@@ -14,10 +14,12 @@ from ..formulations import FORMULATIONS
 from ..methods import get_method
 from ..targets import MODES
 
-__all__ = ["PruneConfig", "RUN_ONLY_FIELDS"]
+__all__ = ["PruneConfig", "RUN_ONLY_FIELDS", "AFTER_RUN_FIELDS"]
 
-# Fields that change how a run is shown or where it is written, not what it computes.
-RUN_ONLY_FIELDS = ("out", "progress", "plots")
+# Fields that change how a run is shown or where it is written, not what it computes, and
+# what is measured and exported after it (AFTER_RUN_FIELDS: on resume, taken from the current call where set).
+AFTER_RUN_FIELDS = ("export", "latency", "latency_threads", "latency_repeats")
+RUN_ONLY_FIELDS = ("out", "progress", "plots") + AFTER_RUN_FIELDS
 
 
 def _flag(name: str) -> str:
@@ -60,7 +62,12 @@ class PruneConfig:
     bn_beta: bool = True
     image_size: Optional[int] = None
     verify_rtol: float = 1e-2
-    latency_batch: int = 64
+    latency_batch: int = 64  # latency is measured at batch 1 and this batch size
+    latency: str = "eager,compile,onnxruntime"  # runtimes timed after the run (eager always)
+    latency_threads: str = "1,2"  # thread counts timed
+    latency_repeats: int = 15  # timed samples per model and setting
+    export: str = ""  # formats the pruned model is exported to: "onnx", "pt2" or "onnx,pt2"
+    round_to: int = 1  # round kept widths up to a multiple of this (1: no rounding)
     progress: bool = True
     plots: bool = True
     train_limit: Optional[int] = None  # use only the first N training / test samples (smoke tests)
@@ -94,10 +101,22 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
-        for name in ("batch_size", "latency_batch", "noise_draws"):
+        for name in ("batch_size", "latency_batch", "noise_draws", "round_to"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
+        if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) or self.latency_repeats < 3:
+            raise ValueError(f"--latency-repeats must be >= 3 (an integer), got {self.latency_repeats!r}")
+        from ..export import parse_formats, require_export_extra
+        from ..latency import parse_runtimes, parse_threads
+
+        parse_runtimes(self.latency, "--latency")
+        parse_threads(self.latency_threads, "--latency-threads")
+        if "onnx" in parse_formats(self.export, "--export"):
+            try:  # before the run, not after it
+                require_export_extra("--export onnx")
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
         self._finite("gamma", minimum=0.0)
         self._finite("c0", positive=True)
         self._finite("kappa", positive=True)

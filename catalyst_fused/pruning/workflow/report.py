@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..latency import LatencyRow, LatencyTable
 from .config import PruneConfig
 
 __all__ = [
     "StageEval", "Calibration", "Opt1Report", "PruneStageReport", "Opt2Report", "Stages", "Accuracy", "Cost",
-    "Report", "Interrupted", "json_safe", "write_json_atomic",
+    "Report", "Interrupted", "json_safe", "write_json_atomic", "LatencyRow", "LatencyTable",
 ]
 
 
@@ -170,12 +171,25 @@ class Accuracy(_Section):
 
 @dataclass
 class Cost(_Section):
+    """FLOPs, parameters and latency of the dense and the pruned model. ``dense["latency"]`` /
+    ``pruned["latency"]`` and ``latency_ratio`` are the headline figure (eager, batch ``latency_batch``, the
+    most threads); ``latency_table`` has every runtime x batch x thread count with the machine's load."""
+
     dense: dict
     pruned: dict
     flops_ratio: float
     params_ratio: float
     latency_ratio: float
     flops_counting: str
+    latency_table: Optional[LatencyTable] = None
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]):
+        if d is None:
+            return None
+        cost = super().from_dict(d)
+        cost.latency_table = LatencyTable.from_dict(d.get("latency_table"))
+        return cost
 
 
 @dataclass
@@ -205,6 +219,7 @@ class Report:
     formulation: str
     opt2: Optional[dict] = None  # the opt2 section again (None for the regularizer formulation)
     plots: list = field(default_factory=list)
+    exports: Optional[dict] = None  # --export: format -> ExportResult.to_dict() (file, check against eager)
     error: Optional[str] = None
 
     def to_dict(self) -> dict:

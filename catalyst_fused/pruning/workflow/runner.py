@@ -1,9 +1,10 @@
 """The runner: owns the run's state, checkpoints, interruption, timing and the output directory, and runs
 the stages (:mod:`.stages`) in order, resuming at the stage and epoch a checkpoint recorded.
 
-Files in the output directory: ``checkpoint.pt`` (after every epoch and every stage; loads with
-``torch.load(..., weights_only=True)``), ``dense_model.pt``, ``pruned_model.pt`` and ``report.json``,
-all written through a temporary file and a rename, and ``.lock``, which keeps a second run out of the same
+Files in the output directory: ``checkpoint.pt`` (after every epoch and every stage) and ``dense_model.pt``
+(a ``state_dict``), both loadable with ``torch.load(..., weights_only=True)``; ``pruned_model.safetensors``
+and ``pruned_model.json`` (weights and pruning spec, :mod:`..serialization`), with ``--export`` also
+``pruned_model.onnx`` / ``pruned_model.pt2``; ``report.json``; all written through a temporary file and a rename, and ``.lock``, which keeps a second run out of the same
 directory while one is running (an OS lock: it goes away with the process that held it).
 """
 from __future__ import annotations
@@ -180,13 +181,15 @@ class RunInputs:
     input_shape: tuple  # one sample's shape (FLOPs, latency, the trace)
     info: dict  # dataset description for the report
     loss_fn: Optional[Callable] = None  # None: cross-entropy
+    builder: Optional[dict] = None  # build_model's arguments when the model is built by name (saved with the model)
 
     @classmethod
     def from_names(cls, cfg: PruneConfig) -> "RunInputs":
         channels, size = input_format(cfg)
         train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
         return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels, image_size=size),
-                   train_set, test_set, (channels, size, size), asdict(info))
+                   train_set, test_set, (channels, size, size), asdict(info),
+                   builder={"name": cfg.model, "num_classes": info.num_classes, "in_channels": channels, "image_size": size})
 
     @classmethod
     def from_objects(cls, cfg: PruneConfig, model=None, train_data=None, test_data=None, example_inputs=None,
@@ -217,7 +220,7 @@ class RunInputs:
             handed = [model]
             # the first model is the caller's own (pruned in place); later ones are fresh dense copies
             new_model = lambda: handed.pop() if handed else copy.deepcopy(template)  # noqa: E731
-        return cls(new_model, train_set, test_set, shape, info, loss_fn)
+        return cls(new_model, train_set, test_set, shape, info, loss_fn, builder=named.builder if model is None else None)
 
 
 class Run:

@@ -13,9 +13,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..methods import decision_flips, get_method, spearman
-from ..metrics import count_flops, count_params, measure_latency
+from ..methods import decision_flips, get_method, round_widths, spearman
+from ..export import export_model, parse_formats
+from ..latency import compare_latency, parse_threads
+from ..metrics import count_flops, count_params
 from ..pruner import Decision, margin
+from ..serialization import save_pruned
 from ..surgery import mask_model
 from .calibration import calibrate_c0, opt1_hooks
 from .report import Accuracy, Cost, Opt1Report, Opt2Report, PruneStageReport, Report, StageEval
@@ -163,7 +166,9 @@ def prune(run: Run) -> None:
         robustness = decision_flips(lambda sc: [p for p, _, _ in rule.redecide(sc)], pruner.scores,
                                     pruner.target_set.weights, [d.prune for d in decisions], noise=cfg.noise_level,
                                     draws=cfg.noise_draws, seed=cfg.seed)
-        keep = {d.target: d.keep for d in decisions}
+        # --round-to keeps extra (least-pruned) channels; the method's figures (margin, flips, bias) stay the rule's
+        removed = round_widths(decisions, cfg.round_to)
+        keep = {d.target: d.keep for d in removed}
         # the masked model (removed channels' consumer columns zeroed) has the pruned model's function
         masked = mask_model(model, pruner.formulation.inner(model, pruner.targets), keep)
         x = run.test_batch()
@@ -180,8 +185,8 @@ def prune(run: Run) -> None:
         function_err = float((y_pruned - y_reg).abs().max())
         acc_pruned = run.evaluate()["accuracy"]
         per_layer = {d.target: {"channels": d.channels, "kept": int(d.keep.numel()), "pruned": int(d.prune.sum()),
-                                "undecided": int(d.undecided.sum()), "forced_keep": d.forced_keep,
-                                "undecided_indices": d.undecided.nonzero().flatten().tolist()} for d in decisions}
+                                "undecided": int(d.undecided.sum()), "forced_keep": d.forced_keep, "rounded": d.rounded,
+                                "undecided_indices": d.undecided.nonzero().flatten().tolist()} for d in removed}
         statistic = pruner.method.statistic
         report = PruneStageReport(
             method=pruner.method.name, rule=rule.text, statistic=statistic,
@@ -299,13 +304,25 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
     cost = None
     if status == "done":
         pruned_cost = {"flops": count_flops(run.model, run.input_shape), "params": count_params(run.model)}
-        lat_dense = measure_latency(run.new_model(), run.input_shape, batch_size=cfg.latency_batch)
-        lat_pruned = measure_latency(run.model, run.input_shape, batch_size=cfg.latency_batch)
-        cost = Cost(dense={**run.dense_cost, "latency": lat_dense}, pruned={**pruned_cost, "latency": lat_pruned},
-                    flops_ratio=run.dense_cost["flops"]["macs"] / pruned_cost["flops"]["macs"],
-                    params_ratio=run.dense_cost["params"] / pruned_cost["params"],
-                    latency_ratio=lat_dense["median_ms"] / lat_pruned["median_ms"],
-                    flops_counting="MACs of Conv2d and Linear layers via forward hooks, one sample; flops = 2 * macs")
+        flops_ratio = run.dense_cost["flops"]["macs"] / pruned_cost["flops"]["macs"]
+        threads = parse_threads(cfg.latency_threads)
+        run.log(f"latency: dense vs pruned, runtimes {cfg.latency}, batch 1 and {cfg.latency_batch}, threads "
+                f"{cfg.latency_threads} (CPU)")
+        table = compare_latency(_dense_model(run), run.model, run.input_shape, batches=(1, cfg.latency_batch),
+                                threads=threads, runtimes=cfg.latency, repeats=cfg.latency_repeats, flops_ratio=flops_ratio,
+                                seed=cfg.seed, log=run.log)
+        head = table.row("eager", cfg.latency_batch, max(threads))  # the headline figure: eager, most threads
+
+        def latency(side):
+            return {"runtime": "eager", "device": "cpu", "batch_size": cfg.latency_batch, "threads": head.threads,
+                    "median_ms": getattr(head, f"{side}_ms"), "p20_ms": getattr(head, f"{side}_p20_ms"),
+                    "p80_ms": getattr(head, f"{side}_p80_ms"), "repeats": head.samples}
+
+        cost = Cost(dense={**run.dense_cost, "latency": latency("dense")}, pruned={**pruned_cost, "latency": latency("pruned")},
+                    flops_ratio=flops_ratio, params_ratio=run.dense_cost["params"] / pruned_cost["params"],
+                    latency_ratio=head.speedup,
+                    flops_counting="MACs of Conv2d and Linear layers via forward hooks, one sample; flops = 2 * macs",
+                    latency_table=table)
     from dataclasses import asdict
 
     accuracy = Accuracy(
@@ -331,12 +348,29 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
     )
 
 
+def _dense_model(run: Run) -> torch.nn.Module:
+    """A dense model with the run's dense weights (``dense_model.pt``), for the latency comparison."""
+    model = run.new_model()
+    path = run.out / "dense_model.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location=run.device, weights_only=True))
+    return model
+
+
 def write_outputs(run: Run, report: Report) -> Report:
-    """Plots, then ``pruned_model.pt``, then ``report.json`` (each atomic; the report last, so a report on
-    disk always has its model)."""
+    """Plots, then the pruned model (``pruned_model.safetensors`` + ``pruned_model.json``, see
+    :mod:`..serialization`) and its exports (``--export``: ``pruned_model.onnx`` / ``.pt2``, each checked against
+    the eager model on test inputs), then ``report.json`` (each atomic; the report last, so a report on disk
+    always has its model)."""
     if run.cfg.plots:
         report.plots = make_plots(run.out, run.cfg.kappa, run.stages.opt1, run.state.history, run.log)
     if report.status == "done":
-        save_atomic({"model": run.model, "keep": None if run.pruner is None else run.pruner.history}, run.out / "pruned_model.pt")
+        save_pruned(run.model, run.out / "pruned_model", pruner=run.pruner, builder=run.inputs.builder)
+        formats = parse_formats(run.cfg.export)
+        if formats:
+            x = run.test_batch()
+            results = export_model(run.model, x[:2], run.out / "pruned_model", formats, check_inputs=x, strict=False,
+                                   log=run.log)
+            report.exports = {fmt: r.to_dict() for fmt, r in results.items()}
     report.to_json(run.out / "report.json")
     return report
