@@ -147,6 +147,11 @@ def supported_targets(targets: Sequence[Target]) -> tuple[list, list]:
     format of ``find_targets(..., return_excluded=True)``. **[our reading / limitation]**"""
     supported, excluded = [], []
     for t in targets:
+        other = [role for role in ("channelwise", "norms", "params", "attention") if getattr(t, role, None)]
+        if other:  # depthwise convolutions, norms, free parameters, heads: no single channel-wise op to extend
+            excluded.append({"producers": [p.module for p in t.producers],
+                             "reason": f"--formulation bypass: the group has {', '.join(other)}, which the bypass does not carry"})
+            continue
         if len(t.producers) == 1 and len(t.bns) <= 1 and all(_whole(p, t.channels) for p in (*t.producers, *t.bns)):
             supported.append(t)
         else:

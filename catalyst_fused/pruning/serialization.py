@@ -280,7 +280,8 @@ def _original_model(model_or_factory, spec: dict, spec_path: Path) -> nn.Module:
         if not builder or builder.get("name") != model_or_factory:
             raise PrunedModelError(f"load_pruned: {spec_path} was not saved from a model built by name "
                                    f"{model_or_factory!r} (builder {builder!r}); pass the original model or a factory")
-        return build_model(builder["name"], num_classes=builder.get("num_classes"), in_channels=builder.get("in_channels"))
+        return build_model(builder["name"], num_classes=builder.get("num_classes"), in_channels=builder.get("in_channels"),
+                           image_size=builder.get("image_size"))
     if callable(model_or_factory):
         model = model_or_factory()
         if not isinstance(model, nn.Module):

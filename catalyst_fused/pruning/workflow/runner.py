@@ -188,9 +188,9 @@ class RunInputs:
     def from_names(cls, cfg: PruneConfig) -> "RunInputs":
         channels, size = input_format(cfg)
         train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
-        return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels),
+        return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels, image_size=size),
                    train_set, test_set, (channels, size, size), asdict(info),
-                   builder={"name": cfg.model, "num_classes": info.num_classes, "in_channels": channels})
+                   builder={"name": cfg.model, "num_classes": info.num_classes, "in_channels": channels, "image_size": size})
 
     @classmethod
     def from_objects(cls, cfg: PruneConfig, model=None, train_data=None, test_data=None, example_inputs=None,
