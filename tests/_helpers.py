@@ -87,8 +87,11 @@ def assert_resumed_run_equals_straight_run(straight_dir, resumed_dir, straight, 
     runs' :class:`~catalyst_fused.pruning.Report`)."""
     from safetensors.torch import load_file
 
-    a = load_file(straight_dir / "pruned_model.safetensors")
-    b = load_file(resumed_dir / "pruned_model.safetensors")
+    if (straight_dir / "pruned_model.safetensors").exists():
+        a = load_file(straight_dir / "pruned_model.safetensors")
+        b = load_file(resumed_dir / "pruned_model.safetensors")
+    else:  # unstructured methods: the sparse weights with their masks
+        a, b = (torch.load(d / "sparse_model.pt", weights_only=True)["state_dict"] for d in (straight_dir, resumed_dir))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -368,8 +368,12 @@ def write_outputs(run: Run, report: Report) -> Report:
     always has its model)."""
     if run.cfg.plots:
         report.plots = make_plots(run.out, run.cfg.kappa, run.stages.opt1, run.state.history, run.log)
+    from ..unstructured import is_unstructured
+
     if report.status == "done":
-        save_pruned(run.model, run.out / "pruned_model", pruner=run.pruner, builder=run.inputs.builder)
+        # Unstructured methods keep every channel: their deliverable is sparse_model.pt (weights + masks).
+        if not is_unstructured(run.cfg.method):
+            save_pruned(run.model, run.out / "pruned_model", pruner=run.pruner, builder=run.inputs.builder)
         formats = parse_formats(run.cfg.export)
         if formats:
             x = run.test_batch()
