@@ -19,7 +19,8 @@ from .metrics import count_flops, count_params, evaluate, measure_latency
 from .pruner import CatalystPruner, PruneSummary, Pruner, PruningStats, TargetStats
 from .surgery import keep_indices, mask_model, prune_model, slice_catalysts, slice_optimizer_state_
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
-from .workflow import Interrupted, PruneConfig, Report, calibrate_c0, predict_speedup, run_pipeline
+from .bn import recalibrate_bn
+from .workflow import Interrupted, PruneConfig, Report, run_pipeline
 
 __all__ = [
     "FORMULATIONS",
@@ -39,7 +40,6 @@ __all__ = [
     "TargetStats",
     "build_target_set",
     "bypass",
-    "calibrate_c0",
     "count_flops",
     "count_params",
     "evaluate",
@@ -47,8 +47,8 @@ __all__ = [
     "keep_indices",
     "mask_model",
     "measure_latency",
-    "predict_speedup",
     "prune_model",
+    "recalibrate_bn",
     "run_pipeline",
     "slice_catalysts",
     "slice_optimizer_state_",

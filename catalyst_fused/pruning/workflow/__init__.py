@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..formulations import FORMULATIONS
-from .calibration import calibrate_c0, gamma_t, predict_speedup
+from .calibration import gamma_t
 from .config import PruneConfig
 from .plots import HIST_BINS
 from .report import Interrupted, Report
@@ -72,8 +72,7 @@ from .runner import Interrupt, OutputBusyError, OutputLock, Run, RunInputs, load
 from .stages import final_report, run_stages, write_outputs
 from .training import Diverged
 
-__all__ = ["PruneConfig", "Report", "Interrupted", "OutputBusyError", "run_pipeline", "calibrate_c0", "predict_speedup", "gamma_t",
-           "HIST_BINS", "FORMULATIONS"]
+__all__ = ["PruneConfig", "Report", "Interrupted", "OutputBusyError", "run_pipeline", "gamma_t", "HIST_BINS", "FORMULATIONS"]
 
 
 def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=None, example_inputs=None,
