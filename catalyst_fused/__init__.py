@@ -26,7 +26,7 @@ from .operators import cpp_available, cuda_kernels_built
 
 __version__ = "0.1.0"
 
-_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline")
+_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline", "recalibrate_bn")
 
 
 def require_pruning_extra(what: str = "catalyst_fused.pruning") -> None:

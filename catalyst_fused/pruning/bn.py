@@ -31,8 +31,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, device: Opt
     batches of ``loader`` (``(x, y)`` pairs or bare inputs), without gradients: the statistics are reset and
     averaged over exactly those batches (cumulative average, ``momentum=None``). Only the BatchNorm layers
     run in training mode (dropout and the like stay off); every module's mode and momentum is restored; no
-    parameter changes and no global random state is drawn (a loader that shuffles should have its own
-    generator). If the loader yields nothing or the forward pass fails, the old statistics are kept. Returns the number of samples used (0 when the
+    parameter changes and this function draws no random number (a ``DataLoader`` draws its base seed from the
+    global generator unless it has its own ``generator``: give it one). If the loader yields nothing or the forward pass fails, the old statistics are kept. Returns the number of samples used (0 when the
     model has no BatchNorm with running statistics).
 
     Raises:
