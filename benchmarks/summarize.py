@@ -10,7 +10,8 @@ import csv
 import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROVIDER_ORDER = ["eager", "foreach", "compile", "cpp", "cpp_inplace", "triton", "triton_inplace"]
+PROVIDER_ORDER = ["eager", "foreach", "compile", "torch_pruning", "cpp", "cpp_inplace", "triton", "triton_inplace"]
+BASELINES = ("eager", "foreach", "compile", "torch_pruning")
 
 
 def newest_runs(rows: list[dict]) -> list[dict]:
@@ -39,7 +40,7 @@ def table(rows: list[dict], mode: str) -> str:
                 parts.append("-")
                 continue
             text = f"{float(r['median_ms']):.3g} ms"
-            if p not in ("eager", "foreach", "compile"):
+            if p not in BASELINES:
                 text += f" ({float(r['speedup_vs_eager']):.1f}x eager"
                 if r["speedup_vs_compile"]:
                     text += f", {float(r['speedup_vs_compile']):.2f}x compile"

@@ -12,13 +12,30 @@ The model-based sets take the values of a seeded, freshly initialised model (so 
 real network's); the transformer set is N(0, 0.02^2). Values are generated once on the CPU in fp32 and
 cached; every call returns new tensors on the requested device and dtype.
 
-    from weight_sets import load_weight_set
+**Group-layout sets** (``*_group``): the groups the pruning workflow regularises in group mode, built from
+the real model by ``catalyst_fused.pruning.build_target_set(model, "group")`` (every conv's rows with their
+BN scale and shift, and the input columns of the layers that read them, as Torch-Pruning's DepGraph couples
+them); the weights are the model's own parameters, so a provider can also work on the model (the
+``torch_pruning`` provider calls Torch-Pruning's regularizer on it):
+
+* ``resnet50_group``: torchvision ResNet-50 (traced at 224x224; the fc layer's rows are not pruned, its
+  input columns are);
+* ``vgg19_bn_group``: VGG-19-BN for CIFAR-100 (32x32);
+* ``densenet121_group``: torchvision DenseNet-121 (concatenations: consumers read several producers);
+* ``mobilenet_v2_group``: torchvision MobileNetV2, **partial**: groups through depthwise convolutions are
+  not mapped yet (``catalyst_fused/pruning/targets.py`` excludes them), so only the residual-stream groups
+  are in the set;
+* ``transformer_mlp_group``: the 12-layer MLP stack as modules (``x + fc2(gelu(fc1(x)))``), one segment per
+  layer: fc1's rows and bias with fc2's input columns.
+
+    from weight_sets import load_weight_set, load_bench_set
     weights = load_weight_set("resnet50", device="cpu", dtype=torch.float32)
+    bench = load_bench_set("resnet50_group")   # .weights, .layout, .model, .example_inputs, .ignored_layers
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +49,10 @@ __all__ = [
     "vgg19_bn_weights",
     "resnet50_weights",
     "transformer_mlp_weights",
+    "GROUP_SETS",
+    "BenchSet",
+    "load_bench_set",
+    "is_group_set",
 ]
 
 _SEED = 0
@@ -127,17 +148,139 @@ class WeightSetInfo(NamedTuple):
     name: str
     n_tensors: int
     n_params: int
-    n_rows: int
+    n_rows: int  # groups (catalyst entries): rows for the per-row sets
 
     def __str__(self) -> str:
         return (
             f"{self.name}: {self.n_tensors} tensors, {self.n_params:,} params "
-            f"({self.n_params / 1e6:.2f} M), {self.n_rows:,} rows"
+            f"({self.n_params / 1e6:.2f} M), {self.n_rows:,} {'groups' if is_group_set(self.name) else 'rows'}"
         )
 
 
-def describe(name: str, weights: Sequence[torch.Tensor]) -> WeightSetInfo:
-    return WeightSetInfo(name, len(weights), sum(w.numel() for w in weights), sum(w.shape[0] for w in weights))
+def describe(name: str, weights: Sequence[torch.Tensor], layout=None) -> WeightSetInfo:
+    groups = sum(w.shape[0] for w in weights) if layout is None else layout.num_groups
+    return WeightSetInfo(name, len(weights), sum(w.numel() for w in weights), groups)
+
+
+# ---- group-layout sets ------------------------------------------------------------------------------
+
+
+class BenchSet(NamedTuple):
+    """A weight set with what providers beyond the penalty itself need: the layout (None: per row), and for
+    model-based sets the model whose parameters the weights are, an example input, and the layers whose
+    output channels are not pruned (the classifier), for pruners that take a model."""
+
+    name: str
+    weights: list
+    layout: object = None
+    model: Optional[nn.Module] = None
+    example_inputs: Optional[torch.Tensor] = None
+    ignored_layers: tuple = ()
+    note: str = ""
+
+
+class _MLPBlock(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TransformerMLP(nn.Module):
+    """The MLP half of a 12-layer BERT-base / ViT-B stack (residual stream of 768, hidden 3072)."""
+
+    def __init__(self, layers: int = 12, d_model: int = 768, d_ff: int = 3072) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[_MLPBlock(d_model, d_ff) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def _vision(name: str, size: int, classifier: Callable[[nn.Module], nn.Module]):
+    def build():
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
+        return model, (3, size, size), (classifier(model),)
+
+    return build
+
+
+def _vgg19_bn_cifar():
+    from catalyst_fused.models import vgg19_bn
+
+    model = vgg19_bn(num_classes=100)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return model, (3, 32, 32), (last,)
+
+
+def _transformer_mlp_model():
+    return TransformerMLP(), (8, 768), ()
+
+
+_GROUP_MODELS = {
+    "resnet50_group": _vision("resnet50", 224, lambda m: m.fc),
+    "vgg19_bn_group": _vgg19_bn_cifar,
+    "densenet121_group": _vision("densenet121", 224, lambda m: m.classifier),
+    "mobilenet_v2_group": _vision("mobilenet_v2", 224, lambda m: m.classifier[-1]),
+    "transformer_mlp_group": _transformer_mlp_model,
+}
+GROUP_SETS = tuple(_GROUP_MODELS)
+
+
+def is_group_set(name: str) -> bool:
+    return name in _GROUP_MODELS
+
+
+@functools.lru_cache(maxsize=None)
+def _group_state(name: str):
+    """The seeded model's fp32 state dict (computed once)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model, _, _ = _GROUP_MODELS[name]()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_bench_set(name: str, device="cpu", dtype=torch.float32) -> BenchSet:
+    """A fresh :class:`BenchSet`: the per-row sets wrap :func:`load_weight_set`; the group sets build the
+    model (seeded values), move it to ``device``/``dtype`` and take its group-mode target set."""
+    if name in WEIGHT_SETS:
+        return BenchSet(name, load_weight_set(name, device=device, dtype=dtype))
+    if name not in _GROUP_MODELS:
+        raise ValueError(f"unknown weight set {name!r}; choose from: {', '.join([*WEIGHT_SETS, *GROUP_SETS])}")
+    model, sample_shape, ignored = _GROUP_MODELS[name]()
+    model.load_state_dict(_group_state(name))
+    model = model.to(device=device, dtype=dtype)
+    example = torch.randn(1, *sample_shape, device=device, dtype=dtype)
+    note = ""
+    if name == "transformer_mlp_group":
+        from catalyst_fused import GroupLayout, Slices
+
+        weights, segments = [], []
+        for block in model.blocks:
+            k = len(weights)
+            weights += [block.fc1.weight, block.fc1.bias, block.fc2.weight]
+            segments.append([Slices(k), Slices(k + 1), Slices(k + 2, dim=1)])
+        layout = GroupLayout.build(weights, segments)
+    else:
+        from catalyst_fused.pruning import build_target_set
+
+        targets = build_target_set(model, "group", input_shape=sample_shape)
+        weights, layout = targets.weights, targets.layout
+        covered = sum(w.numel() for w in weights)
+        total = sum(p.numel() for p in model.parameters())
+        if name == "mobilenet_v2_group":
+            note = (
+                f"partial: {len(targets.targets)} groups of channels ({covered / total:.0%} of the parameters); groups "
+                "through depthwise convolutions are not mapped yet"
+            )
+    for w in weights:
+        w.requires_grad_(True)
+    return BenchSet(name, list(weights), layout, model, example, tuple(ignored), note)
 
 
 if __name__ == "__main__":
@@ -147,3 +290,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo's catalyst_fused
     for set_name in WEIGHT_SETS:
         print(describe(set_name, load_weight_set(set_name)))
+    for set_name in GROUP_SETS:
+        bench = load_bench_set(set_name)
+        print(describe(set_name, bench.weights, bench.layout), bench.note)

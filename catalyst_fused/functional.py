@@ -8,7 +8,15 @@ import torch
 
 from . import operators, reference
 from .backends import triton_ops
-from ._validation import as_tensor_list, check_nan_policy, check_penalty_args, raise_if_not_finite
+from ._validation import (
+    as_tensor_list,
+    check_distinct,
+    check_leaf,
+    check_nan_policy,
+    check_penalty_args,
+    check_scale,
+    raise_if_not_finite,
+)
 from .layout import GroupLayout
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "penalty_",
     "group_norms",
     "init_catalysts",
+    "release_cached_memory",
     "resolve_backend",
     "split_per_weight",
 ]
@@ -137,8 +146,10 @@ def penalty(
     """
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
     impl = resolve_backend(backend, weights[0].device)
-    if impl == "reference":
+    if impl != "cpp":  # the C++ operators run these checks themselves
         check_penalty_args(weights, catalysts, per_row=layout is None)
+        check_distinct(weights=weights, catalysts=catalysts)
+    if impl == "reference":
         stats = PenaltyStats(*reference.penalty_with_stats(weights, catalysts, layout))
     else:
         weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
@@ -162,34 +173,65 @@ def penalty_(
     """Adds ``scale * dR/dW`` into every ``w.grad`` and ``scale * dR/dd`` into every ``d.grad`` in one
     fused call, without building an autograd graph, and returns the (detached) :class:`PenaltyStats`.
 
-    Missing ``.grad`` tensors are created as zeros. Call it after ``loss.backward()`` and before
-    ``optimizer.step()``, with ``scale = gamma``. With AMP's ``GradScaler`` the gradients are still scaled
-    at that point: pass ``scale = gamma * scaler.get_scale()`` (and call it before ``scaler.unscale_`` or
-    ``scaler.step``), so that unscaling divides the penalty's share back to ``gamma * dR/dW``.
-    Weights and their gradients must be contiguous.
+    Call it after ``loss.backward()`` and before ``optimizer.step()``, with ``scale = gamma`` (a finite real
+    number). With AMP's ``GradScaler`` the gradients are still scaled at that point: pass
+    ``scale = gamma * scaler.get_scale()`` (and call it before ``scaler.unscale_`` or ``scaler.step``), so
+    that unscaling divides the penalty's share back to ``gamma * dR/dW``.
+
+    Only tensors that require grad get a gradient, as with autograd: a frozen weight (``requires_grad=False``)
+    or a constant catalyst (Group Lasso's ``d = 1``) is read, because it belongs to the groups, but its
+    ``.grad`` is neither created nor changed. Missing ``.grad`` tensors of the others are created as zeros.
+    A tensor that requires grad but is not a leaf (the result of an operation) is an error: it keeps no
+    ``.grad``. Weights and their gradients must be contiguous.
     """
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
-    scale = float(scale)
+    scale = check_scale(scale)
     impl = resolve_backend(backend, weights[0].device)
-    use_reference = impl == "reference"
-    missing = [p for p in (*weights, *catalysts) if p.grad is None]
-    if use_reference or missing:
-        # Check before creating gradients, so that a failing call changes nothing.
+    weight_index = check_leaf(weights, "weights")
+    catalyst_index = check_leaf(catalysts, "catalysts")
+    missing = [p for p in (*(weights[i] for i in weight_index), *(catalysts[j] for j in catalyst_index)) if p.grad is None]
+    if impl != "cpp" or missing:
+        # Check before creating gradients, so that a failing call changes nothing (the C++ operators repeat
+        # these checks).
         check_penalty_args(weights, catalysts, per_row=layout is None)
+        check_distinct(
+            weights=weights,
+            catalysts=catalysts,
+            weight_grads=[weights[i].grad for i in weight_index],
+            catalyst_grads=[catalysts[j].grad for j in catalyst_index],
+        )
     with torch.no_grad():
         for p in missing:
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        weight_grads = [w.grad for w in weights]
-        catalyst_grads = [d.grad for d in catalysts]
-        if use_reference:
-            stats = PenaltyStats(*reference.penalty_(weights, catalysts, weight_grads, catalyst_grads, scale, layout))
-        else:
-            plan = None if layout is None else layout.member_table
-            # Under no_grad the operator needs no detached copies (110 detaches cost more than a
-            # ResNet-56 kernel).
+        weight_grads = [weights[i].grad for i in weight_index]
+        catalyst_grads = [catalysts[j].grad for j in catalyst_index]
+        everything = len(weight_index) == len(weights) and len(catalyst_index) == len(catalysts)
+        plan = None if layout is None else layout.member_table
+        if impl != "cpp":  # the C++ operators check the gradient buffers themselves
+            check_distinct(weights=weights, catalysts=catalysts, weight_grads=weight_grads, catalyst_grads=catalyst_grads)
+        if impl == "reference":
+            full_w = [None] * len(weights)
+            full_d = [None] * len(catalysts)
+            for i, g in zip(weight_index, weight_grads):
+                full_w[i] = g
+            for j, g in zip(catalyst_index, catalyst_grads):
+                full_d[j] = g
+            stats = PenaltyStats(*reference.penalty_(weights, catalysts, full_w, full_d, scale, layout))
+        elif everything:
+            # Under no_grad the operator needs no detached copies (110 detaches cost more than a ResNet-56
+            # kernel).
+            stats = PenaltyStats(*_ACCUMULATE[impl]()(weights, catalysts, weight_grads, catalyst_grads, scale, plan))
+        elif impl == "cpp":
             stats = PenaltyStats(
-                *_ACCUMULATE[impl]()(weights, catalysts, weight_grads, catalyst_grads, scale, plan)
+                *torch.ops.catalyst_fused.penalty_accumulate_selected_(
+                    weights, catalysts, weight_grads, weight_index, catalyst_grads, catalyst_index, scale, plan
+                )
             )
+        else:  # a backend without the selected operator: scratch gradients for the tensors that get none
+            w_set, d_set = set(weight_index), set(catalyst_index)
+            full_w = [w.grad if i in w_set else torch.zeros_like(w) for i, w in enumerate(weights)]
+            full_d = [d.grad if j in d_set else torch.zeros_like(d) for j, d in enumerate(catalysts)]
+            stats = PenaltyStats(*_ACCUMULATE[impl]()(weights, catalysts, full_w, full_d, scale, plan))
     if nan_policy == "raise":
         raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
     return stats
@@ -232,3 +274,12 @@ def init_catalysts(
 def split_per_weight(flat: torch.Tensor, catalysts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Cuts a flat per-group vector (``PenaltyStats.norms`` or ``.ratios``) into one view per catalyst."""
     return list(torch.split(flat, [d.shape[0] for d in catalysts]))
+
+
+def release_cached_memory() -> None:
+    """Frees the memory the C++ CPU kernels keep between calls so that training steps allocate nothing:
+    scratch buffers (at most a sixteenth of the weights' size, plus per-group vectors) and the gradient
+    buffers of recent autograd backward calls that nothing references any more (up to one set of weight
+    gradients per call site). Kept memory is reused automatically; call this after training to return it."""
+    if operators.cpp_available():
+        torch.ops.catalyst_fused.release_cached_memory()

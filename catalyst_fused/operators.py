@@ -6,6 +6,11 @@ Operators (schemas in csrc/penalty.cpp):
 * ``catalyst_fused::penalty_backward(grad_penalty, weights, catalysts, norms, plan) -> (weight_grads, catalyst_grads)``
 * ``catalyst_fused::penalty_accumulate_(weights, catalysts, weight_grads!, catalyst_grads!, scale, plan)
   -> (penalty, norms, ratios)``
+* ``catalyst_fused::penalty_accumulate_selected_(weights, catalysts, weight_grads!, weight_index,
+  catalyst_grads!, catalyst_index, scale, plan) -> (penalty, norms, ratios)``: the same for the tensors
+  listed in the indices only (the others are read but get no gradient)
+* ``catalyst_fused::release_cached_memory()``: frees the scratch and gradient buffers the CPU kernels keep
+  between calls
 
 With the fake functions registered here, ``torch.compile(fullgraph=True)`` traces through the operators.
 Autograd of ``penalty_forward`` is registered in C++ (csrc/autograd.cpp: a Python registration costs more
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_penalty_args
+from ._validation import check_plan
 from .reference import accumulation_dtype
 
 try:
@@ -58,16 +63,28 @@ def _register() -> None:
     # torch.compile's tracing see.
     @torch.library.register_fake("catalyst_fused::penalty_forward")
     def _penalty_forward_fake(weights, catalysts, plan):
-        check_penalty_args(weights, catalysts, per_row=plan is None)
+        check_plan(weights, catalysts, plan)
         return stats_like(weights, catalysts)
 
     @torch.library.register_fake("catalyst_fused::penalty_backward")
     def _penalty_backward_fake(grad_penalty, weights, catalysts, norms, plan):
+        check_plan(weights, catalysts, plan)
         return [torch.empty_like(w) for w in weights], [torch.empty_like(d) for d in catalysts]
 
     @torch.library.register_fake("catalyst_fused::penalty_accumulate_")
     def _penalty_accumulate_fake(weights, catalysts, weight_grads, catalyst_grads, scale, plan):
-        check_penalty_args(weights, catalysts, per_row=plan is None)
+        check_plan(weights, catalysts, plan)
+        return stats_like(weights, catalysts)
+
+    @torch.library.register_fake("catalyst_fused::penalty_accumulate_selected_")
+    def _penalty_accumulate_selected_fake(weights, catalysts, weight_grads, weight_index, catalyst_grads, catalyst_index, scale, plan):
+        check_plan(weights, catalysts, plan)
+        for grads, index, like, name in (
+            (weight_grads, weight_index, weights, "weight_grads"),
+            (catalyst_grads, catalyst_index, catalysts, "catalyst_grads"),
+        ):
+            if len(grads) != len(index) or any(not 0 <= j < len(like) for j in index):
+                raise ValueError(f"catalyst_fused: {name} and its index do not match the tensors they belong to")
         return stats_like(weights, catalysts)
 
 

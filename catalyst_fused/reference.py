@@ -4,12 +4,13 @@ Everything is ordinary differentiable PyTorch, so gradients come from autograd:
 
 * ``n_i = sqrt(sum of squares over every slice of group i)``, written so that its gradient is exactly 0
   where ``n_i = 0`` (the subgradient convention) and NaN where ``n_i`` is NaN;
-* ``R = sum_i |d_i| * n_i``; autograd of ``abs`` gives ``dR/dd_i = sign(d_i) * n_i`` with ``sign(0) = 0``;
-* ``c_i = |d_i| / n_i``, ``+inf`` where ``n_i = 0``.
+* ``R = sum_i |d_i| * n_i``; its autograd gives ``dR/dd_i = sign(d_i) * n_i`` with ``sign(0) = 0`` and
+  ``sign(NaN) = NaN`` (so a NaN catalyst never gets a finite gradient; ``torch.sign(NaN)`` would be 0);
+* ``c_i = |d_i| / n_i``, ``+inf`` where ``n_i = 0`` (NaN for a NaN catalyst).
 
 Sums run in the accumulation dtype (fp32 for fp16/bf16 inputs); pass fp64 tensors for an exact-as-possible
-reference. :func:`eager_penalty` is the per-layer loop a user would write; benchmarks use it as the eager
-baseline.
+reference. :func:`eager_penalty` and :func:`eager_group_penalty` are the loops a user would write (per
+layer; per segment of a layout); benchmarks use them as the eager baselines and compile them.
 """
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ import torch
 
 from .layout import GroupLayout
 
-__all__ = ["accumulation_dtype", "group_norms", "penalty_with_stats", "penalty", "penalty_", "eager_penalty"]
+__all__ = [
+    "accumulation_dtype",
+    "group_norms",
+    "penalty_with_stats",
+    "penalty",
+    "penalty_",
+    "eager_penalty",
+    "eager_group_penalty",
+]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,10 +37,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _members(weights: Sequence[torch.Tensor], layout: Optional[GroupLayout]):
-    """(tensor, dim, start, count, segment, segment_start) rows; per-row layout when ``layout`` is None."""
+    """(tensor, dim, start, count, segment, segment_start, width) rows; per-row layout when ``layout`` is None."""
     if layout is None:
-        return [(i, 0, 0, w.shape[0], i, 0) for i, w in enumerate(weights)]
-    return [tuple(int(v) for v in row) for row in layout.member_table.tolist()]
+        return [(i, 0, 0, w.shape[0], i, 0, 1) for i, w in enumerate(weights)]
+    return layout.members
 
 
 def _sum_of_squares(weights, catalysts, layout):
@@ -40,19 +49,29 @@ def _sum_of_squares(weights, catalysts, layout):
     for d in catalysts:
         offsets.append(offsets[-1] + d.numel())
     sq = weights[0].new_zeros(offsets[-1], dtype=acc)
-    for t, dim, start, count, seg, seg_start in _members(weights, layout):
+    for t, dim, start, count, seg, seg_start, width in _members(weights, layout):
         moved = weights[t].movedim(dim, 0)[start : start + count]
         slices = moved.reshape(count, moved[0].numel() if count else 0).to(acc)
         part = (slices * slices).sum(dim=1)
-        index = torch.arange(count, device=sq.device) + offsets[seg] + seg_start
+        # slice start + k belongs to group seg_start + k // width
+        index = torch.arange(count, device=sq.device) // width + offsets[seg] + seg_start
         sq = sq.index_add(0, index, part)
     return sq
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
-    # sqrt whose gradient is 0 (not inf * 0 = NaN) at 0; NaN stays NaN.
+    # sqrt whose derivative at 0 is taken as 1 instead of inf: the value is 0 there, and the weights'
+    # gradient (incoming * 1 * 2w, with w = 0) is exactly 0, or NaN when the incoming gradient is NaN/Inf
+    # (a NaN or Inf catalyst), never inf * 0 from the sqrt itself. NaN stays NaN.
     zero = sq == 0
-    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
+    return torch.where(zero, sq, torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
+
+
+def _abs(d: torch.Tensor) -> torch.Tensor:
+    """``|d|`` whose gradient is ``sign(d)`` with ``sign(0) = 0`` and ``sign(NaN) = NaN`` (``torch.abs`` and
+    ``torch.sign`` give 0 at NaN, which would turn a NaN catalyst's gradient into a finite value)."""
+    sign = torch.where(torch.isnan(d), d, torch.sign(d)).detach()
+    return d * sign
 
 
 def group_norms(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], layout: Optional[GroupLayout] = None):
@@ -65,9 +84,12 @@ def penalty_with_stats(weights, catalysts, layout: Optional[GroupLayout] = None)
     weights, catalysts = list(weights), list(catalysts)
     norms = group_norms(weights, catalysts, layout)
     d = torch.cat([c.reshape(-1) for c in catalysts]).to(norms.dtype)
-    value = (d.abs() * norms).sum()
+    value = (_abs(d) * norms).sum()
     n = norms.detach()
-    ratios = torch.where(n == 0, torch.full_like(n, float("inf")), d.detach().abs() / n)
+    abs_d = d.detach().abs()
+    # +inf for an all-zero group, NaN for a NaN catalyst
+    zero_ratio = torch.where(torch.isnan(abs_d), abs_d, torch.full_like(n, float("inf")))
+    ratios = torch.where(n == 0, zero_ratio, abs_d / n)
     return value, n, ratios
 
 
@@ -77,7 +99,7 @@ def penalty(weights, catalysts, layout: Optional[GroupLayout] = None) -> torch.T
 
 def penalty_(weights, catalysts, weight_grads, catalyst_grads, scale: float = 1.0, layout: Optional[GroupLayout] = None):
     """Reference of the in-place operator: adds ``scale * dR/dW`` and ``scale * dR/dd`` into the given
-    gradient tensors and returns ``(R, norms, ratios)``."""
+    gradient tensors (``None`` entries: that tensor gets no gradient) and returns ``(R, norms, ratios)``."""
     weights = [w.detach().requires_grad_(True) for w in weights]
     catalysts = [d.detach().requires_grad_(True) for d in catalysts]
     with torch.enable_grad():
@@ -85,7 +107,8 @@ def penalty_(weights, catalysts, weight_grads, catalyst_grads, scale: float = 1.
         grads = torch.autograd.grad(value, weights + catalysts, allow_unused=True, materialize_grads=True)
     with torch.no_grad():
         for g, new in zip(list(weight_grads) + list(catalyst_grads), grads):
-            g.add_(new.to(g.dtype), alpha=scale)
+            if g is not None:
+                g.add_(new.to(g.dtype), alpha=scale)
     return value.detach(), norms, ratios
 
 
@@ -94,4 +117,22 @@ def eager_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Ten
     total = 0
     for w, d in zip(weights, catalysts):
         total = total + (d.abs() * torch.linalg.vector_norm(w.flatten(1) if w.dim() > 1 else w[:, None], dim=1)).sum()
+    return total
+
+
+def eager_group_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor], layout: GroupLayout) -> torch.Tensor:
+    """The loop a user would write for a :class:`GroupLayout`: per segment, the squares of every member's
+    slices summed per group and padded to the segment's size, then ``sum |d| * sqrt(...)`` (the eager
+    benchmark baseline for group layouts; plain ``sqrt``, so an all-zero group gives NaN gradients)."""
+    total = 0
+    for s, d in enumerate(catalysts):
+        sq = None
+        for t, dim, start, count, seg, offset, width in layout.members:
+            if seg != s or count == 0:
+                continue
+            slices = weights[t].narrow(dim, start, count).movedim(dim, 0)
+            part = slices.reshape(count // width, -1).square().sum(1)
+            part = torch.nn.functional.pad(part, (offset, d.shape[0] - offset - count // width))
+            sq = part if sq is None else sq + part
+        total = total + (d.abs() * sq.sqrt()).sum()
     return total

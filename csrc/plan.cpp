@@ -73,6 +73,7 @@ MemberGeometry make_member(at::TensorList tensors, const int64_t* row, int64_t i
   m.start = row[kMemberStart];
   m.count = row[kMemberCount];
   m.segment = row[kMemberSegment];
+  m.width = row[kMemberWidth];
   TORCH_CHECK_VALUE(m.tensor >= 0 && m.tensor < static_cast<int64_t>(tensors.size()), "catalyst_fused: plan member ",
                     index, " refers to weights[", m.tensor, "] but only ", tensors.size(), " weights were given");
   const at::Tensor& t = tensors[m.tensor];
@@ -80,9 +81,13 @@ MemberGeometry make_member(at::TensorList tensors, const int64_t* row, int64_t i
                     " has dim ", m.dim, "; only 0 (rows) and 1 (input columns) are supported");
   TORCH_CHECK_VALUE(m.dim < t.dim(), "catalyst_fused: plan member ", index, " slices weights[", m.tensor,
                     "] along dim ", m.dim, " but it has shape ", t.sizes());
-  TORCH_CHECK_VALUE(m.start >= 0 && m.count >= 0 && m.start + m.count <= t.size(m.dim), "catalyst_fused: plan member ",
-                    index, " takes slices [", m.start, ", ", m.start + m.count, ") of weights[", m.tensor,
-                    "] along dim ", m.dim, " but that dim has size ", t.size(m.dim));
+  // Overflow-safe: no sum of two table entries is formed before both are known to be in range.
+  const int64_t size = t.size(m.dim);
+  TORCH_CHECK_VALUE(m.start >= 0 && m.count >= 0 && m.start <= size && m.count <= size - m.start,
+                    "catalyst_fused: plan member ", index, " takes ", m.count, " slices from index ", m.start,
+                    " of weights[", m.tensor, "] along dim ", m.dim, " but that dim has size ", size);
+  TORCH_CHECK_VALUE(m.width >= 1 && m.count % m.width == 0, "catalyst_fused: plan member ", index, " has width ",
+                    m.width, "; it must be >= 1 and divide its slice count ", m.count);
   const auto sizes = t.sizes();
   if (m.dim == 0) {
     m.inner = product(sizes, 1);
@@ -118,10 +123,72 @@ void cut(std::vector<Chunk>& chunks, int64_t owner, int64_t items, int64_t eleme
   for (int64_t b = 0; b < items; b += per_chunk) chunks.push_back({owner, b, std::min(items, b + per_chunk)});
 }
 
+// Fills the slice maps; a slice taken by two members is an error (it would belong to two groups).
+void build_slice_maps(at::TensorList tensors, Plan& plan) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  plan.tensor_row_offsets.assign(T + 1, 0);
+  plan.tensor_column_offsets.assign(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    bool columns = false;
+    for (int64_t k = plan.tensor_member_offsets[t]; k < plan.tensor_member_offsets[t + 1]; ++k) {
+      columns |= plan.members[plan.tensor_members[k]].dim == 1;
+    }
+    plan.tensor_row_offsets[t + 1] = plan.tensor_row_offsets[t] + tensors[t].size(0);
+    plan.tensor_column_offsets[t + 1] = plan.tensor_column_offsets[t] + (columns ? tensors[t].size(1) : 0);
+  }
+  plan.row_group.assign(plan.tensor_row_offsets[T], -1);
+  plan.column_group.assign(plan.tensor_column_offsets[T], -1);
+  for (size_t i = 0; i < plan.members.size(); ++i) {
+    const MemberGeometry& m = plan.members[i];
+    int64_t* map = m.dim == 0 ? plan.row_group.data() + plan.tensor_row_offsets[m.tensor]
+                              : plan.column_group.data() + plan.tensor_column_offsets[m.tensor];
+    for (int64_t k = 0; k < m.count; ++k) {
+      int64_t& g = map[m.start + k];
+      TORCH_CHECK_VALUE(g < 0, "catalyst_fused: plan member ", i, " takes ", m.dim == 0 ? "row " : "input column ",
+                        m.start + k, " of weights[", m.tensor, "], which an earlier member already takes; a slice "
+                        "belongs to at most one group");
+      g = m.group_begin + k / m.width;
+    }
+  }
+}
+
 }  // namespace
 
-Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
+void check_distinct(std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  struct Span {
+    uintptr_t begin, end;
+    const char* list;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (const auto& [name, tensors] : lists) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (!t.defined() || t.numel() == 0 || !t.has_storage() || t.data_ptr() == nullptr) continue;
+      // Contiguous by the time this runs: the elements are [data, data + numel * itemsize).
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), name, i});
+    }
+  }
+  // stable: of two spans that start together, the one listed first is named first
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const Span& a = spans[k - 1];
+    const Span& b = spans[k];
+    // Sorted by start, two spans overlap only if some neighbouring pair does.
+    TORCH_CHECK_VALUE(b.begin >= a.end, "catalyst_fused: ", a.list, "[", a.index, "] and ", b.list, "[", b.index,
+                      "] share memory (a tied weight or a tensor listed twice?); each tensor may appear once, "
+                      "or two gradient writers would race");
+  }
+}
+
+void validate_tensors(at::TensorList tensors, at::TensorList catalysts, bool check_memory) {
   check_tensors(tensors, catalysts);
+  if (check_memory) check_distinct({{"weights", tensors}, {"catalysts", catalysts}});
+}
+
+Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::optional<at::Tensor>& plan_table) {
+  validate_tensors(tensors, catalysts);
   Plan plan;
   const int64_t num_segments = static_cast<int64_t>(catalysts.size());
   plan.segment_offsets.assign(num_segments + 1, 0);
@@ -136,7 +203,7 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
       TORCH_CHECK_VALUE(catalysts[i].numel() == tensors[i].size(0), "catalyst_fused: catalysts[", i, "] has ",
                         catalysts[i].numel(), " entries but weights[", i, "] has ", tensors[i].size(0),
                         " channels (dim 0 of shape ", tensors[i].sizes(), ")");
-      const int64_t row[kMemberColumns] = {static_cast<int64_t>(i), 0, 0, tensors[i].size(0), static_cast<int64_t>(i), 0};
+      const int64_t row[kMemberColumns] = {static_cast<int64_t>(i), 0, 0, tensors[i].size(0), static_cast<int64_t>(i), 0, 1};
       plan.members.push_back(make_member(tensors, row, static_cast<int64_t>(i)));
       plan.members.back().group_begin = plan.segment_offsets[i];
     }
@@ -155,10 +222,10 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
       TORCH_CHECK_VALUE(m.segment >= 0 && m.segment < num_segments, "catalyst_fused: plan member ", i,
                         " refers to catalysts[", m.segment, "] but only ", num_segments, " catalysts were given");
       const int64_t segment_start = row[kMemberSegmentStart];
-      TORCH_CHECK_VALUE(segment_start >= 0 && segment_start + m.count <= catalysts[m.segment].numel(),
-                        "catalyst_fused: plan member ", i, " maps to groups [", segment_start, ", ",
-                        segment_start + m.count, ") of catalysts[", m.segment, "] which has ",
-                        catalysts[m.segment].numel(), " entries");
+      const int64_t groups = catalysts[m.segment].numel();
+      TORCH_CHECK_VALUE(segment_start >= 0 && segment_start <= groups && m.groups() <= groups - segment_start,
+                        "catalyst_fused: plan member ", i, " maps to ", m.groups(), " groups from group ", segment_start,
+                        " of catalysts[", m.segment, "] which has ", groups, " entries");
       m.group_begin = plan.segment_offsets[m.segment] + segment_start;
       plan.members.push_back(m);
     }
@@ -186,6 +253,7 @@ Plan build_plan(at::TensorList tensors, at::TensorList catalysts, const c10::opt
     if (tensors[t].numel() == 0) continue;
     cut(plan.grad_chunks, static_cast<int64_t>(t), rows, tensors[t].numel() / rows);
   }
+  build_slice_maps(tensors, plan);
   return plan;
 }
 
@@ -193,20 +261,45 @@ at::ScalarType accumulation_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name) {
+namespace {
+
+void check_grad(const at::Tensor& grad, const at::Tensor& like, const char* name, size_t i, const char* like_name,
+                size_t j) {
+  TORCH_CHECK_VALUE(grad.defined(), "catalyst_fused: ", name, "[", i, "] is undefined");
+  TORCH_CHECK_VALUE(grad.sizes() == like.sizes(), "catalyst_fused: ", name, "[", i, "] has shape ", grad.sizes(),
+                    " but ", like_name, "[", j, "] has shape ", like.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == like.scalar_type(), "catalyst_fused: ", name, "[", i, "] has dtype ",
+                   dtype_name(grad.scalar_type()), " but ", like_name, "[", j, "] has dtype ",
+                   dtype_name(like.scalar_type()));
+  TORCH_CHECK_VALUE(grad.device() == like.device(), "catalyst_fused: ", name, "[", i, "] is on ", grad.device(),
+                    " but ", like_name, "[", j, "] is on ", like.device());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "catalyst_fused: ", name, "[", i, "] must be contiguous");
+}
+
+}  // namespace
+
+void check_grads(at::TensorList grads, at::TensorList like, const char* name, const char* like_name,
+                 bool check_memory) {
   TORCH_CHECK_VALUE(grads.size() == like.size(), "catalyst_fused: got ", grads.size(), " ", name, " for ",
                     like.size(), " ", like_name);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_VALUE(grads[i].defined(), "catalyst_fused: ", name, "[", i, "] is undefined");
-    TORCH_CHECK_VALUE(grads[i].sizes() == like[i].sizes(), "catalyst_fused: ", name, "[", i, "] has shape ",
-                      grads[i].sizes(), " but ", like_name, "[", i, "] has shape ", like[i].sizes());
-    TORCH_CHECK_TYPE(grads[i].scalar_type() == like[i].scalar_type(), "catalyst_fused: ", name, "[", i,
-                     "] has dtype ", dtype_name(grads[i].scalar_type()), " but ", like_name, "[", i,
-                     "] has dtype ", dtype_name(like[i].scalar_type()));
-    TORCH_CHECK_VALUE(grads[i].device() == like[i].device(), "catalyst_fused: ", name, "[", i, "] is on ",
-                      grads[i].device(), " but ", like_name, "[", i, "] is on ", like[i].device());
-    TORCH_CHECK_VALUE(grads[i].is_contiguous(), "catalyst_fused: ", name, "[", i, "] must be contiguous");
+  for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], like[i], name, i, like_name, i);
+  if (check_memory) check_distinct({{like_name, like}, {name, grads}});
+}
+
+void check_selection(at::TensorList grads, at::IntArrayRef index, at::TensorList like, const char* name,
+                     const char* index_name, const char* like_name, bool check_memory) {
+  TORCH_CHECK_VALUE(grads.size() == index.size(), "catalyst_fused: got ", grads.size(), " ", name, " but ",
+                    index.size(), " entries in ", index_name);
+  for (size_t k = 0; k < index.size(); ++k) {
+    const int64_t j = index[k];
+    TORCH_CHECK_VALUE(j >= 0 && j < static_cast<int64_t>(like.size()) && (k == 0 || j > index[k - 1]),
+                      "catalyst_fused: ", index_name, "[", k, "] = ", j, " must be an index into ", like_name,
+                      " (0 to ", like.size(), " - 1) greater than the entry before it");
   }
+  for (size_t k = 0; k < index.size(); ++k) {
+    check_grad(grads[k], like[index[k]], name, k, like_name, static_cast<size_t>(index[k]));
+  }
+  if (check_memory) check_distinct({{like_name, like}, {name, grads}});
 }
 
 }  // namespace catalyst_fused

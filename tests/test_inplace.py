@@ -101,3 +101,112 @@ def test_bad_grads_are_reported():
         torch.ops.catalyst_fused.penalty_accumulate_(
             [w.detach()], [d.detach()], [torch.zeros(4, 6)], [torch.zeros(4, dtype=torch.float64)], 1.0, None
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grouped", [False, True], ids=["rows", "grouped"])
+def test_frozen_weights_and_constant_catalysts_get_no_gradient(backend, grouped, recwarn):
+    # requires_grad=False: read (the tensor is part of its groups) but no .grad created or changed, and no
+    # warning (constant catalysts are how Group Lasso runs); the others get exactly what they would get if
+    # everything required grad.
+    if grouped:
+        weights, layout = conv_bn_conv(torch.float64)
+    else:
+        weights, layout = [torch.randn(s, dtype=torch.float64) for s in [(6, 3, 3, 3), (5, 6), (7,)]], None
+    catalysts = random_catalysts(weights, layout)
+    full_w, full_d = params(weights), params(catalysts)
+    cf.penalty_(full_w, full_d, scale=0.5, layout=layout, backend=backend)
+
+    ws, ds = params(weights), params(catalysts)
+    ws[1].requires_grad_(False)
+    ds[0].requires_grad_(False)
+    ws[2].requires_grad_(False)
+    ws[2].grad = torch.full_like(ws[2], 3.0)  # left over from before it was frozen: untouched
+    stats = cf.penalty_(ws, ds, scale=0.5, layout=layout, backend=backend)
+    assert ws[1].grad is None and ds[0].grad is None
+    assert torch.equal(ws[2].grad, torch.full_like(ws[2], 3.0))
+    for i in (0, 3) if grouped else (0,):
+        torch.testing.assert_close(ws[i].grad, full_w[i].grad, rtol=0, atol=0)
+    for j in range(1, len(ds)):
+        torch.testing.assert_close(ds[j].grad, full_d[j].grad, rtol=0, atol=0)
+    assert torch.isfinite(stats.penalty)
+    # constant catalysts only (Group Lasso): weights still get scale * dR/dW
+    ones = [torch.ones_like(d) for d in catalysts]
+    wl = params(weights)
+    cf.penalty_(wl, ones, scale=0.5, layout=layout, backend=backend)
+    assert all(d.grad is None for d in ones)
+    reference = params(weights)
+    ref = cf.penalty(reference, ones, layout=layout, backend="reference")
+    (0.5 * ref).backward()
+    for a, b in zip(wl, reference):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert not [w for w in recwarn.list if "catalyst_fused" in str(w.message)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_leaf_tensors_are_rejected(backend):
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    raw = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match=r"catalysts\[0\] requires grad but is not a leaf tensor"):
+        cf.penalty_([w], [raw * 2], backend=backend)
+    with pytest.raises(ValueError, match=r"weights\[0\] requires grad but is not a leaf tensor"):
+        cf.penalty_([w * 1.0], [raw], backend=backend)
+    assert w.grad is None and raw.grad is None
+    # a detached view does not require grad: read, no gradient
+    cf.penalty_([w], [(raw * 2).detach()], backend=backend)
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "scale, exc, message",
+    [
+        (float("nan"), ValueError, "scale must be finite, got nan"),
+        (float("inf"), ValueError, "scale must be finite, got inf"),
+        ("0.1", TypeError, "scale must be a real number, got str"),
+        (None, TypeError, "scale must be a real number, got NoneType"),
+        (True, TypeError, "scale must be a real number, got bool"),
+        (torch.ones(2), TypeError, r"scale must be a real number, got a tensor of shape \(2,\)"),
+    ],
+)
+def test_bad_scale(backend, scale, exc, message):
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    d = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(exc, match=message):
+        cf.penalty_([w], [d], scale=scale, backend=backend)
+    assert w.grad is None and d.grad is None
+
+
+def test_scale_may_be_a_number_or_one_element_tensor():
+    import numpy as np
+
+    for scale in (2, np.float32(2.0), torch.tensor(2.0)):
+        w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+        d = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+        cf.penalty_([w], [d], scale=scale)
+        torch.testing.assert_close(d.grad, 2.0 * w.detach().norm(dim=1))
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("kernel", ["cpu", "composite"])
+def test_selected_operator(kernel):
+    # The CPU kernel skips tensors without a buffer; the composite (what CUDA tensors use) fills them with
+    # scratch zeros: both must equal the full operator on the selected buffers.
+    op = torch.ops.catalyst_fused.penalty_accumulate_selected_.default
+    call = op if kernel == "cpu" else lambda *a: op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *a)
+    weights, layout = conv_bn_conv(torch.float32)
+    catalysts = random_catalysts(weights, layout)
+    full_w = [torch.randn_like(w) for w in weights]
+    full_d = [torch.randn_like(d) for d in catalysts]
+    some_w = [full_w[i].clone() for i in (0, 3)]
+    some_d = [full_d[1].clone()]
+    expected = torch.ops.catalyst_fused.penalty_accumulate_(weights, catalysts, full_w, full_d, 0.25, layout.member_table)
+    got = call(weights, catalysts, some_w, [0, 3], some_d, [1], 0.25, layout.member_table)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert torch.equal(some_w[0], full_w[0]) and torch.equal(some_w[1], full_w[3]) and torch.equal(some_d[0], full_d[1])
+    for index, message in [([3, 0], r"weight_index\[1\] = 0 must be an index into weights"), ([0, 5], r"weight_index\[1\] = 5"), ([0], "got 2 weight_grads but 1 entries")]:
+        with pytest.raises(ValueError, match=message):
+            call(weights, catalysts, some_w, index, some_d, [1], 0.25, layout.member_table)
+    with pytest.raises(ValueError, match=r"weight_grads\[1\] has shape \[6, 8, 3, 3\] but weights\[4\] has shape \[5, 6\]"):
+        call(weights, catalysts, some_w, [0, 4], some_d, [1], 0.25, layout.member_table)

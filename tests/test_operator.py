@@ -5,7 +5,7 @@ import torch
 import catalyst_fused as cf
 
 from _helpers import random_catalysts
-from test_layout import conv_bn_conv
+from test_layout import attention_heads, conv_bn_conv
 
 pytestmark = pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
 ops = torch.ops.catalyst_fused
@@ -19,9 +19,14 @@ def samples():
     yield w_group, random_catalysts(w_group, layout), layout.member_table
     w_half = [torch.randn(3, 17).to(torch.bfloat16), torch.randn(2, 33).to(torch.bfloat16)]
     yield w_half, random_catalysts(w_half), None
+    w_heads, heads = attention_heads(torch.float32)
+    yield w_heads, random_catalysts(w_heads, heads), heads.member_table
 
 
-@pytest.mark.parametrize("index", range(3))
+NUM_SAMPLES = 4
+
+
+@pytest.mark.parametrize("index", range(NUM_SAMPLES))
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_opcheck_forward(index, requires_grad):
     weights, catalysts, plan = list(samples())[index]
@@ -30,7 +35,7 @@ def test_opcheck_forward(index, requires_grad):
     torch.library.opcheck(ops.penalty_forward.default, (weights, catalysts, plan))
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(NUM_SAMPLES))
 def test_opcheck_backward_and_accumulate(index):
     weights, catalysts, plan = list(samples())[index]
     _, norms, _ = ops.penalty_forward(weights, catalysts, plan)

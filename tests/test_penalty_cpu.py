@@ -95,3 +95,44 @@ def test_stats_are_detached_and_match_group_norms():
     torch.testing.assert_close(stats.ratios, torch.full_like(stats.ratios, 2.0))
     per_weight = cf.split_per_weight(stats.norms, catalysts)
     assert [n.shape[0] for n in per_weight] == [6, 3]
+
+
+def test_backward_reuses_only_unreferenced_gradient_buffers():
+    # penalty_backward hands out the storages of earlier calls again (no fresh pages to fault in), but only
+    # when nothing references them any more: results a caller keeps are never overwritten.
+    weights = [torch.randn(64, 32, 3, 3, requires_grad=True), torch.randn(128, 64, requires_grad=True)]
+    catalysts = [torch.rand(64, requires_grad=True), torch.rand(128, requires_grad=True)]
+
+    def grads_of(ws, scale=1.0):
+        return torch.autograd.grad(scale * cf.penalty(ws, catalysts), ws)
+
+    kept = grads_of(weights)
+    kept_copy = [g.clone() for g in kept]
+    view = grads_of(weights, 2.0)[0][3:5]  # only a view survives
+    view_copy = view.clone()
+    for _ in range(3):
+        fresh = grads_of(weights, 3.0)
+        torch.testing.assert_close(fresh[0], 3.0 * kept_copy[0])
+    for a, b in zip(kept, kept_copy):
+        assert torch.equal(a, b)
+    assert torch.equal(view, view_copy)
+
+    # zero_grad(set_to_none=True) loop: the dropped .grad storage comes back as the next step's .grad
+    cf.penalty(weights, catalysts).backward()
+    first = [w.grad.data_ptr() for w in weights]
+    expected = [w.grad.clone() for w in weights]
+    for _ in range(2):
+        for w in weights:
+            w.grad = None
+        cf.penalty(weights, catalysts).backward()
+    assert [w.grad.data_ptr() for w in weights] == first
+    for w, e in zip(weights, expected):
+        assert torch.equal(w.grad, e)
+    # existing gradients: autograd adds the penalty's gradient into them
+    cf.penalty(weights, catalysts).backward()
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w.grad, 2 * e)
+    cf.functional.release_cached_memory()
+    cf.penalty(weights, catalysts).backward()
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w.grad, 3 * e)

@@ -25,6 +25,21 @@ def test_reference_matches_eager_loop():
         torch.testing.assert_close(a, b)
 
 
+def test_eager_group_loop_matches_reference():
+    from test_layout import attention_heads, conv_bn_conv
+
+    for weights, layout in (conv_bn_conv(), attention_heads()):
+        catalysts = random_catalysts(weights, layout)
+        ref, rw, rd = run_autograd(weights, catalysts, layout, backend="reference")
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        ds = [d.clone().requires_grad_(True) for d in catalysts]
+        eager = cf.reference.eager_group_penalty(ws, ds, layout)
+        eager.backward()
+        torch.testing.assert_close(ref.penalty, eager.detach())
+        for a, b in zip(rw + rd, [w.grad for w in ws] + [d.grad for d in ds]):
+            torch.testing.assert_close(a, b)
+
+
 def test_reference_matches_closed_form():
     w = torch.randn(6, 4, 3, dtype=torch.float64)
     d = torch.randn(6, dtype=torch.float64)
@@ -79,6 +94,31 @@ def test_nan_and_inf_propagate(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["autograd", "inplace"])
+def test_nan_and_inf_catalysts_propagate(backend, inplace):
+    # NaN catalysts never give finite gradients (torch.sign(NaN) is 0; the reference must not use it), also on
+    # an all-zero group, where the weight gradient's scale is |d| * 0; an Inf catalyst on an all-zero group
+    # gives NaN there too (Inf * 0).
+    w = torch.randn(4, 3, dtype=torch.float64)
+    w[1] = 0
+    w[3] = 0
+    d = torch.tensor([float("nan"), float("nan"), 1.0, float("inf")], dtype=torch.float64)
+    if inplace:
+        ws, ds = [torch.nn.Parameter(w.clone())], [torch.nn.Parameter(d.clone())]
+        stats = cf.penalty_(ws, ds, backend=backend)
+        gw, gd = ws[0].grad, ds[0].grad
+    else:
+        stats, (gw,), (gd,) = run_autograd([w], [d], backend=backend)
+    assert torch.isnan(stats.penalty)
+    assert torch.isnan(gd[0]) and torch.isnan(gd[1])  # sign(NaN) * n
+    assert gd[2] == stats.norms[2] and gd[3] == 0  # sign(inf) * 0
+    assert torch.isnan(gw[0]).all() and torch.isnan(gw[1]).all() and torch.isnan(gw[3]).all()
+    assert torch.isfinite(gw[2]).all()
+    assert torch.isnan(stats.ratios[0]) and torch.isnan(stats.ratios[1])
+    assert stats.ratios[3] == float("inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_policy_raise_names_the_group(backend):
     w = torch.randn(3, 4)
     w[2, 1] = float("nan")
@@ -90,6 +130,27 @@ def test_nan_policy_raise_names_the_group(backend):
         cf.penalty([torch.randn(3, 4)], [bad_d], backend=backend, nan_policy="raise")
     with pytest.raises(ValueError, match="nan_policy"):
         cf.penalty([torch.randn(3, 4)], [d], backend=backend, nan_policy="ignore")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_policy_raise_reads_back_once_per_call(backend, monkeypatch):
+    # One host read-back (device sync on a GPU) per call however many segments, when all is finite.
+    weights = [torch.randn(3, 4) for _ in range(20)]
+    catalysts = [torch.nn.Parameter(torch.ones(3)) for _ in range(20)]
+    reads = []
+    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cf.penalty(weights, catalysts, backend=backend, nan_policy="raise")
+    assert len(reads) == 1, reads
+    reads.clear()
+    cf.penalty_(weights, catalysts, backend=backend, nan_policy="raise")
+    assert len(reads) == 1, reads
 
 
 def test_init_catalysts_puts_every_channel_at_c0():

@@ -98,7 +98,8 @@ class PruningStats:
     undecided: int
     fraction_decided: float
     fraction_above_zero: float
-    margin: Optional[float]  # min s over channels to prune - max s over kept ones, in decades
+    margin: Optional[float]  # min s over channels to prune - max s over kept ones, in decades (None for a
+    # ranking to a FLOPs target: see Pruner.stats)
 
 
 @dataclass
@@ -496,7 +497,10 @@ class Pruner:
         """The decision statistic per target, decided fractions and the margin (for logs and reports)."""
         scores = self.scores()
         undecided = self.method.undecided(scores, self.kappa)
-        decisions = self.decisions(scores)
+        # the margin needs the decisions; a ranking to a FLOPs target counts FLOPs of trial removals, too
+        # costly for a per-epoch figure, so it is left out there
+        ranked = self.target_speedup is not None and self.method.reaches_target_by_ranking
+        decisions = None if ranked else self.decisions(scores)
         per, total, decided, above = [], 0, 0, 0
         for t, s, u in zip(self.targets, scores, undecided):
             n_dec = int(s.numel() - int(u.sum()))
@@ -514,7 +518,7 @@ class Pruner:
             else:
                 penalty = float(self.method.norms(self._ts).sum())  # the Group Lasso value sum_i n_i
         return PruningStats(self.method.statistic, penalty, per, int(total), decided, int(total - decided),
-                            decided / max(total, 1), above / max(total, 1), margin(decisions))
+                            decided / max(total, 1), above / max(total, 1), None if ranked else margin(decisions))
 
     # ----------------------------------------------------------------------------------------- removal
     def _keep_from(self, keep: Mapping[str, object]) -> dict:

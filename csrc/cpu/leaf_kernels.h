@@ -15,10 +15,19 @@ namespace cpu {
 // registers (two AVX-512 or four AVX2 vectors of fp32). Tests use row lengths around it.
 constexpr int kLanes = 16;
 
-// For j in [0, count): sq[j] += sum over o < outer, e < inner of x^2, x = base[o * outer_stride + j * slice_stride + e].
+// The loops of the two streaming passes (penalty_cpu.cpp). A "block" is `rows` consecutive rows of `len`
+// elements each, starting at `w` (a contiguous run of a tensor viewed as [rows, len]).
 #define CF_DECLARE_LEAF_KERNELS(scalar_t, acc_t)                                                                  \
-  void add_sums_of_squares(const scalar_t* base, int64_t count, int64_t slice_stride, int64_t outer,             \
-                           int64_t outer_stride, int64_t inner, acc_t* sq);                                     \
+  /* row_out[r] = sum_j w[r, j]^2 */                                                                            \
+  void rows_sum_squares(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out);                         \
+  /* row_out[r] = sum_j w[r, j]^2 and elem_acc[j] += sum_r w[r, j]^2, in one read of the block */             \
+  void rows_cols_sum_squares(const scalar_t* w, int64_t rows, int64_t len, acc_t* row_out, acc_t* elem_acc);   \
+  /* out[r, j] = row_factor[r] * w[r, j]   (accumulate: out[r, j] += ...) */                                   \
+  void rows_scale(scalar_t* out, const scalar_t* w, int64_t rows, int64_t len, const acc_t* row_factor,        \
+                  bool accumulate);                                                                             \
+  /* out[r, j] = (row_factor[r] + col_factor[j]) * w[r, j]   (accumulate: out[r, j] += ...) */                 \
+  void rows_cols_scale(scalar_t* out, const scalar_t* w, int64_t rows, int64_t len, const acc_t* row_factor,   \
+                       const acc_t* col_factor, bool accumulate);                                               \
   /* out[i] = factor * w[i] */                                                                                  \
   void scale_store(scalar_t* out, const scalar_t* w, acc_t factor, int64_t n);                                  \
   /* out[i] += factor * w[i] */                                                                                 \
