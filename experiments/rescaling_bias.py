@@ -166,7 +166,7 @@ def main(argv=None) -> int:
           "The control column correlates the same s with the decisions of the unscaled run, which never saw s: "
           "its spread is what chance gives.\n\n" + "\n".join(rows) + "\n")
     shim = argparse.Namespace(setting=args.setting, results_dir=args.results_dir)
-    desc = _runs.Setting(model="small_cnn", dataset="digits", seeds=setting.seeds, c0s=[1.0],
+    desc = _runs.Setting(model="small_cnn", dataset="digits", seeds=sorted({r["seed"] for r in records}), c0s=[1.0],
                          dense_epochs=setting.dense_epochs, epochs=setting.epochs, finetune_epochs=setting.finetune_epochs,
                          train_limit=setting.train_limit)
     _runs.write_results(shim, "rescaling_bias", desc, md, {"records": records})
