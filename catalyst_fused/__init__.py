@@ -29,7 +29,8 @@ from .operators import cpp_available, cuda_kernels_built
 
 __version__ = "0.1.0"
 
-_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline", "load_pruned", "save_pruned", "export_model")
+_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline", "recalibrate_bn", "load_pruned", "save_pruned",
+                  "export_model")
 
 
 def require_pruning_extra(what: str = "catalyst_fused.pruning") -> None:

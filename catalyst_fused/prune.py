@@ -52,6 +52,12 @@ def _int_at_least(low: int):
     return parse
 
 
+def _gamma(text: str):
+    if text == "auto":
+        return text
+    return _nonneg_float(text)
+
+
 def _momentum(text: str) -> float:
     try:
         value = float(text)
@@ -116,19 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt2-lr", type=_positive_float, default=None, help="bypass: constant opt2 learning rate (default: --finetune-lr)")
     p.add_argument("--opt2-tol", type=_positive_float, default=d.opt2_tol,
                    help="bypass: largest max|d - dbar| accepted at the snap (a larger one is reported, not raised)")
-    p.add_argument("--gamma", type=_nonneg_float, default=d.gamma,
-                   help="penalty weight gamma (the L1 / Group Lasso weight lam of the baselines)")
+    p.add_argument("--gamma", type=_gamma, default=d.gamma,
+                   help="penalty weight gamma, or 'auto' (Catalyst, the default: from the opt1 step budget, so that a "
+                        "channel 2%% off the threshold decides within half of it); the baselines need a number (their "
+                        "L1 / Group Lasso weight)")
     p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--c0", type=_positive_float, default=d.c0, help="catalyst init d = c0 * n")
-    group.add_argument("--target-speedup", type=_positive_float, default=None,
-                       help="FLOPs ratio to reach: Catalyst calibrates c0 (bisection over opt1 trial runs); "
-                            "the baselines remove channels in the order of their statistic until it is reached")
-    p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs,
-                   help="opt1 epochs per calibration trial; 0 (default) = the full opt1 with its stop rule (exact)")
-    p.add_argument("--calib-iters", type=_nonneg_int, default=d.calib_iters)
-    p.add_argument("--calib-c0-max", type=_positive_float, default=d.calib_c0_max)
-    p.add_argument("--kappa", type=_positive_float, default=d.kappa, help="decided iff |log10 c| > kappa")
+    p.add_argument("--c0", type=_positive_float, default=d.c0,
+                   help="catalyst init: every channel starts at corrected ratio u = c sqrt(k) = c0 (1: the threshold)")
+    p.add_argument("--target-speedup", type=_positive_float, default=None,
+                   help="FLOPs ratio to reach: Catalyst steers its undecided catalysts to it during opt1 (one run); "
+                        "the baselines remove channels in the order of their statistic until it is reached")
+    p.add_argument("--kappa", type=_positive_float, default=d.kappa,
+                   help="a channel is decided (and frozen) when |log10 u| > kappa")
     p.add_argument("--norm-threshold", type=_positive_float, default=d.norm_threshold,
                    help="baselines without --target-speedup: remove groups with norm <= this")
     p.add_argument("--dense-checkpoint", default=None,
@@ -136,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-level", type=_nonneg_float, default=d.noise_level,
                    help="relative weight noise for the decision-flip figure")
     p.add_argument("--noise-draws", type=_int_at_least(1), default=d.noise_draws)
-    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate of dense training")
+    p.add_argument("--opt1-lr", type=_positive_float, default=None,
+                   help="constant opt1 learning rate (default: 0.1 x --lr; the dense stage ends annealed, and a jump back "
+                        "to its peak costs accuracy)")
+    p.add_argument("--bn-recalibration-batches", type=_nonneg_int, default=d.bn_recalibration_batches,
+                   help="re-estimate BatchNorm statistics on this many training batches before every reported accuracy "
+                        "(0: off)")
     p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
     p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)
     p.add_argument("--momentum", type=_momentum, default=d.momentum)

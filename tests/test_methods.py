@@ -112,7 +112,7 @@ def test_unknown_method_names_the_flag():
     with pytest.raises(ValueError, match="--formulation bypass is Catalyst's"):
         PruneConfig(method="group_lasso", formulation="bypass").validate()
     with pytest.raises(ValueError, match="--norm-threshold"):
-        PruneConfig(method="group_lasso", norm_threshold=0.0).validate()
+        PruneConfig(method="group_lasso", gamma=0.01, norm_threshold=0.0).validate()
     with pytest.raises(ValueError, match="--noise-level"):
         PruneConfig(noise_level=float("nan")).validate()
     with pytest.raises(ValueError, match="--noise-draws"):

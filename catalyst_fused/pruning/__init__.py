@@ -24,7 +24,8 @@ from .pruner import CatalystPruner, PruneSummary, Pruner, PruningStats, TargetSt
 from .serialization import PrunedModelError, load_pruned, read_pruned_spec, save_pruned
 from .surgery import keep_indices, mask_model, prune_model, slice_catalysts, slice_optimizer_state_
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
-from .workflow import Interrupted, PruneConfig, Report, calibrate_c0, predict_speedup, run_pipeline
+from .bn import recalibrate_bn
+from .workflow import Interrupted, PruneConfig, Report, run_pipeline
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -56,7 +57,6 @@ __all__ = [
     "TargetStats",
     "build_target_set",
     "bypass",
-    "calibrate_c0",
     "count_flops",
     "count_params",
     "evaluate",
@@ -64,8 +64,8 @@ __all__ = [
     "keep_indices",
     "mask_model",
     "measure_latency",
-    "predict_speedup",
     "prune_model",
+    "recalibrate_bn",
     "run_pipeline",
     "slice_catalysts",
     "slice_optimizer_state_",

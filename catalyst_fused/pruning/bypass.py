@@ -216,6 +216,11 @@ def _ordered(model: nn.Module, targets: Sequence[Target]) -> list[Bypass]:
     return [by_producer[t.name] for t in targets]
 
 
+def ordered_wrappers(model: nn.Module, targets: Sequence[Target]) -> list[Bypass]:
+    """The :class:`Bypass` modules in target order (the order of :func:`catalysts`)."""
+    return _ordered(model, targets)
+
+
 def _wrap(model: nn.Module, sites: Sequence[Site], values: Mapping[str, tuple]) -> nn.Module:
     """Swaps a :class:`Bypass` in for every site of ``model`` (in place), ``d, dbar = values[producer]``."""
     modules = dict(model.named_modules())

@@ -43,6 +43,8 @@ __all__ = [
     "narrow_tensor",
     "slice_optimizer_state_",
     "remap_targets",
+    "constant_inputs",
+    "fold_constant_inputs_",
 ]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -307,14 +309,18 @@ def remap_targets(model_before: Mapping[str, nn.Module], targets: Sequence[Targe
     return out
 
 
-def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object]) -> nn.Module:
-    """A copy of ``model`` with the consumer input columns of every removed channel set to zero: the same
-    function as :func:`prune_model` with the same ``keep``, at the original width. LayerNorms / RMSNorms
-    that lose entries compute their statistics over the kept channels only (the removed channels' outputs
-    are zero), as the pruned model does."""
+def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object],
+               folds: Optional[Mapping[str, tuple]] = None) -> nn.Module:
+    """A copy of ``model`` with the consumer input columns of every removed channel set to zero (after
+    ``folds`` from :func:`constant_inputs` moved their constant part into the consumers' biases): the same
+    function as :func:`prune_model` with the same ``keep`` (and folds), at the original width. LayerNorms /
+    RMSNorms that lose entries compute their statistics over the kept channels only (the removed channels'
+    outputs are zero), as the pruned model does."""
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
     axes = {n.module: n.axis for t in targets for n in t.norms}
+    if folds:
+        fold_constant_inputs_(masked, folds)
     with torch.no_grad():
         for key, mask in _kept_masks(modules, targets, keep).items():
             if len(key) == 2 and key[1] == 1:
@@ -340,6 +346,71 @@ def _mask_norm_(mod: nn.Module, mask: torch.Tensor, axis: int, name: str) -> Non
         return torch.zeros(x.shape, dtype=y.dtype, device=y.device).index_copy_(axis % x.dim(), i, y)
 
     mod.forward = forward
+
+
+def constant_inputs(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object], example_inputs) -> dict:
+    """What each removed channel feeds its consumers, for channels whose output is a constant: a channel whose
+    BatchNorm scale is 0 still outputs its shift ``beta`` (``relu(beta)`` after a ReLU) whatever the input,
+    and removing its consumer columns would drop that constant (``--bn-gamma-only``, filter mode, network
+    slimming). One eval-mode forward of ``example_inputs`` reads every consumer's input; the value of a removed
+    column is its mean over the batch and the positions. Returns ``{consumer: (removed columns, values)}`` for
+    :func:`fold_constant_inputs_`.
+
+    Exact for consumers that mix positions only through sums the constant enters everywhere (``Linear``,
+    1x1 or unpadded convolutions); a zero-padded convolution sees fewer copies of the constant at the image
+    border, which a bias cannot express: there the fold is exact in the interior only."""
+    from .targets import example_batch, run_example
+
+    modules = dict(model.named_modules())
+    # consumer input columns of convolutions and linear layers (other consumers carry no foldable bias)
+    removed = {key[0]: ~mask for key, mask in _kept_masks(modules, targets, keep).items()
+               if len(key) == 2 and key[1] == 1 and isinstance(modules[key[0]], (nn.Conv2d, nn.Linear))}
+    seen: dict = {}
+
+    def hook(name):
+        def read(m, args):
+            x = args[0].detach()
+            idx = removed[name].nonzero().flatten().to(x.device)
+            cols = x.index_select(1 if isinstance(m, nn.Conv2d) else x.dim() - 1, idx)
+            dims = [d for d in range(cols.dim()) if d != (1 if isinstance(m, nn.Conv2d) else cols.dim() - 1)]
+            seen[name] = (idx.cpu(), cols.double().mean(dims).cpu())
+        return read
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n, r in removed.items() if bool(r.any())]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_example(model, example_batch(model, example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+def fold_constant_inputs_(model: nn.Module, folds: Mapping[str, tuple]) -> dict:
+    """Adds ``W[:, removed] @ values`` (summed over the kernel for a convolution) to each consumer's bias (a zero
+    bias is created where the layer has none), so that dropping the removed columns keeps the constant they
+    carried. Returns ``{consumer: {"max_bias_change": ..., "created_bias": bool}}``."""
+    modules = dict(model.named_modules())
+    out = {}
+    with torch.no_grad():
+        for name, (idx, values) in folds.items():
+            mod = modules[name]
+            w = mod.weight.index_select(1, idx.to(mod.weight.device)).double()
+            if w.dim() > 2:
+                w = w.sum(tuple(range(2, w.dim())))
+            delta = w @ values.to(w.device)
+            if not bool((delta != 0).any()):
+                continue
+            created = mod.bias is None
+            if created:
+                mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
+            mod.bias.add_(delta.to(mod.bias.dtype))
+            out[name] = {"max_bias_change": float(delta.abs().max()), "created_bias": created}
+    return out
 
 
 def slice_catalysts(catalysts: Sequence[torch.Tensor], targets: Sequence[Target], keep: Mapping[str, object]) -> list[torch.nn.Parameter]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -15,12 +15,17 @@ from ..methods import get_method
 from ..targets import MODES
 from ..unstructured import SCHEDULES, SCOPES, is_unstructured
 
-__all__ = ["PruneConfig", "RUN_ONLY_FIELDS", "AFTER_RUN_FIELDS"]
+__all__ = ["PruneConfig", "RUN_ONLY_FIELDS", "AFTER_RUN_FIELDS", "OPT1_LR_FACTOR"]
 
 # Fields that change how a run is shown or where it is written, not what it computes, and
 # what is measured and exported after it (AFTER_RUN_FIELDS: on resume, taken from the current call where set).
 AFTER_RUN_FIELDS = ("export", "latency", "latency_threads", "latency_repeats")
 RUN_ONLY_FIELDS = ("out", "progress", "plots") + AFTER_RUN_FIELDS
+
+# opt1's default constant learning rate, as a fraction of the dense stage's peak lr: the dense stage ends
+# annealed to ~0, and a jump back to the peak cost ResNet-56 real accuracy for two epochs (catalyst-method.md
+# section 9); see the README's "opt1 learning rate" for the measurement behind the factor.
+OPT1_LR_FACTOR = 0.1
 
 
 def _flag(name: str) -> str:
@@ -37,22 +42,21 @@ class PruneConfig:
     formulation: str = "regularizer"  # or "bypass" (section 4b: extended model, then opt2)
     out: str = "prune_out"
     dense_epochs: int = 15
-    epochs: int = 50  # opt1 budget
+    epochs: int = 30  # opt1 budget (gamma="auto" fits the decisions into it)
     finetune_epochs: int = 5
     opt2_epochs: int = 5  # bypass only: epochs driving d - dbar to 0 before the fold
     opt2_mu: float = 10.0  # bypass only: weight of mu_t * sum (d - dbar)^2
     opt2_ramp: int = 2  # bypass only: epochs of linear mu ramp
     opt2_lr: Optional[float] = None  # bypass only: constant opt2 learning rate (default: finetune_lr)
     opt2_tol: float = 1e-2  # bypass only: largest |d - dbar| accepted as "small" at the snap
-    gamma: float = 0.03
+    gamma: Union[float, str] = "auto"  # Catalyst: "auto" = from the opt1 step budget (pruner.resolve_gamma)
     gamma_warmup: int = 0
-    c0: float = 1.2
+    c0: float = 1.0  # corrected ratio u = c sqrt(k) every channel starts at (1: the threshold of every group)
     target_speedup: Optional[float] = None
-    calib_epochs: int = 0  # 0: each calibration trial is the full opt1 (exact prediction)
-    calib_iters: int = 6
-    calib_c0_max: float = 1.5
-    kappa: float = 2.0
+    kappa: float = 1.0  # decided when |log10 u| > kappa (then frozen)
     lr: float = 0.05
+    opt1_lr: Optional[float] = None  # constant opt1 learning rate (default: OPT1_LR_FACTOR * lr)
+    bn_recalibration_batches: int = 8  # BN statistics re-estimated on this many training batches before every accuracy
     catalyst_lr: Optional[float] = None
     finetune_lr: float = 0.01
     momentum: float = 0.9
@@ -106,8 +110,8 @@ class PruneConfig:
         if self.formulation == "bypass" and self.method != "catalyst":
             raise ValueError(f"--formulation bypass is Catalyst's extended model; --method {self.method} runs the "
                              "regularizer formulation only")
-        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters",
-                     "opt2_epochs", "opt2_ramp", "seed"):
+        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "opt2_epochs", "opt2_ramp", "seed",
+                     "bn_recalibration_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0 (an integer), got {value!r}")
@@ -131,7 +135,14 @@ class PruneConfig:
                 require_export_extra("--export onnx")
             except ImportError as exc:
                 raise ValueError(str(exc)) from None
-        self._finite("gamma", minimum=0.0)
+        if self.gamma == "auto":
+            if self.method != "catalyst":
+                raise ValueError(f"--gamma auto comes from Catalyst's decision dynamics; --method {self.method} needs a "
+                                 "number (e.g. --gamma 0.01)")
+        elif isinstance(self.gamma, str):
+            raise ValueError(f"--gamma must be a finite number >= 0 or 'auto', got {self.gamma!r}")
+        else:
+            self._finite("gamma", minimum=0.0)
         self._finite("c0", positive=True)
         self._finite("kappa", positive=True)
         self._finite("lr", positive=True)
@@ -142,7 +153,7 @@ class PruneConfig:
         self._finite("noise_level", minimum=0.0)
         self._finite("opt2_mu", positive=True)
         self._finite("opt2_tol", positive=True)
-        for name in ("catalyst_lr", "opt2_lr"):
+        for name in ("catalyst_lr", "opt2_lr", "opt1_lr"):
             if getattr(self, name) is not None:
                 self._finite(name, positive=True)
         self._finite("momentum", minimum=0.0)
@@ -152,8 +163,6 @@ class PruneConfig:
             self._finite("target_speedup", positive=True)
             if self.target_speedup < 1:
                 raise ValueError(f"--target-speedup must be a finite number >= 1, got {self.target_speedup}")
-        if not (math.isfinite(self.calib_c0_max) and self.calib_c0_max > 1):
-            raise ValueError(f"--calib-c0-max must be a finite number > 1, got {self.calib_c0_max}")
         if self.dense_checkpoint is not None and not Path(self.dense_checkpoint).is_file():
             raise ValueError(f"--dense-checkpoint: no file at {self.dense_checkpoint}")
         if self.formulation == "bypass":
@@ -197,6 +206,10 @@ class PruneConfig:
         if not ok:
             what = "a positive finite number" if positive else f"a finite number >= {minimum:g}"
             raise ValueError(f"{_flag(name)} must be {what}, got {value!r}")
+
+    @property
+    def opt1_learning_rate(self) -> float:
+        return OPT1_LR_FACTOR * self.lr if self.opt1_lr is None else self.opt1_lr
 
     @property
     def opt2_learning_rate(self) -> float:

@@ -76,12 +76,17 @@ class StageEval(_Section):
 
 @dataclass
 class Calibration(_Section):
-    target_speedup: float
-    c0: float
-    reached_in_calibration: bool
-    trials: list
-    calib_epochs: int
-    method: str
+    """The ``calibrate`` stage: the sparsity strength and what the catalysts' dynamics predict for opt1."""
+
+    gamma: float
+    gamma_auto: bool
+    opt1_lr: float
+    rate_lam: float  # lr * gamma / (1 - momentum)
+    budget_steps: Optional[int]
+    steps_per_epoch: int
+    target_speedup: Optional[float] = None
+    predictions: dict = field(default_factory=dict)  # Pruner.predictions(): k, decision times, force step, ...
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +101,11 @@ class Opt1Report(_Section):
     loss: Optional[float] = None
     samples: Optional[int] = None
     final_threshold: Optional[float] = None  # soft-threshold methods: the cumulative threshold
+    gamma: Optional[float] = None  # the (resolved) base gamma
+    lr: Optional[float] = None  # the constant opt1 learning rate
+    decisions: Optional[dict] = None  # Catalyst: decided / forced counts, decision steps, target feedback
+    stop_rule_fired: Optional[bool] = None
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +283,7 @@ class Report:
     method: str
     formulation: str
     opt2: Optional[dict] = None  # the opt2 section again (None for the regularizer formulation)
+    evaluation: Optional[str] = None  # how the accuracies were measured (BatchNorm statistics)
     plots: list = field(default_factory=list)
     exports: Optional[dict] = None  # --export: format -> ExportResult.to_dict() (file, check against eager)
     error: Optional[str] = None

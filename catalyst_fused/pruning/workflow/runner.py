@@ -25,6 +25,7 @@ from torch.utils.data import Subset
 
 from ...data import load_dataset, make_loader
 from ...models import build_model
+from ..bn import recalibrate_bn
 from ..metrics import count_flops, count_params, evaluate
 from ..pruner import Pruner
 from ..unstructured import is_unstructured
@@ -290,12 +291,25 @@ class Run:
             from . import unstructured
 
             return unstructured.make_pruner(self)
-        from .calibration import make_pruner
+        from .calibration import make_pruner, opt1_steps
 
-        return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets)
+        return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets,
+                           budget_steps=opt1_steps(self.cfg, len(self.train_set)))
 
-    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict:
-        return evaluate(self.model if model is None else model, self.test_loader, self.device, self.loss_fn)
+    def recalibrate(self, model: Optional[torch.nn.Module] = None) -> int:
+        """Re-estimates the BatchNorm statistics of ``model`` (default: the run's) on ``bn_recalibration_batches``
+        training batches, always the same ones (their own seeded order: no global random state is drawn)."""
+        if not self.cfg.bn_recalibration_batches:
+            return 0
+        loader = make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + 999)
+        return recalibrate_bn(self.model if model is None else model, loader, self.cfg.bn_recalibration_batches, self.device)
+
+    def evaluate(self, model: Optional[torch.nn.Module] = None, *, recalibrate: bool = True) -> dict:
+        """Test accuracy and loss, BatchNorm statistics re-estimated first (see :meth:`recalibrate`)."""
+        model = self.model if model is None else model
+        if recalibrate:
+            self.recalibrate(model)
+        return evaluate(model, self.test_loader, self.device, self.loss_fn)
 
     def sgd(self, params, lr: float) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)

@@ -20,7 +20,7 @@ from ..metrics import count_flops, count_params
 from ..pruner import Decision, margin
 from ..serialization import save_pruned
 from ..surgery import mask_model
-from .calibration import calibrate_c0, opt1_hooks
+from .calibration import calibrate as calibrate_pruner, opt1_hooks
 from .report import Accuracy, Cost, Opt1Report, Opt2Report, PruneStageReport, Report, StageEval
 from .runner import Run, save_atomic
 from .training import epoch_loop
@@ -79,60 +79,85 @@ def dense(run: Run) -> None:
 
 
 def calibrate(run: Run) -> None:
-    """c0 for a target speed-up (methods that cannot rank channels to a target), then the pruner."""
-    cfg = run.cfg
+    """The pruner (threshold-corrected catalysts), its gamma (``auto``: from the opt1 budget) and the
+    dynamics' predictions (:mod:`.calibration`)."""
     with run.timed("calibrate"):
-        if cfg.target_speedup is not None and not get_method(cfg.method).reaches_target_by_ranking:
-            run.log(f"calibrating c0 for a {cfg.target_speedup}x FLOPs reduction")
-            run.stages.calibration = calibrate_c0(run)
-            run.state.c0 = run.stages.calibration.c0
         run.pruner = run.new_pruner(run.state.c0)
+        run.stages.calibration = calibrate_pruner(run)
         # group norms when opt1 starts, before any catalyst moved (magnitude-bias figure)
         run.state.initial_norms = run.pruner.method.norms(run.pruner.target_set).cpu()
     run.advance("opt1")
+
+
+def _opt1_log(e: int, epochs: int, rec: dict, st: dict, pruner) -> str:
+    text = (f"opt1 {e}/{epochs}: loss {rec['train_loss']:.4f} R {st['penalty']:.4f} acc {rec['test_accuracy']:.2f}% "
+            f"decided {100 * st['fraction_decided']:.1f}% {st['statistic']}>0 {100 * st['fraction_c_gt_1']:.1f}%")
+    control = getattr(pruner.method, "control", None)
+    if control is not None:
+        text += f" (pruned {int((control.state == 1).sum())}, kept {int((control.state == -1).sum())}"
+        if pruner.target_speedup is not None:
+            text += f", predicted {rec['predicted_speedup']:.2f}x, target shift {control.total_shift:+.3f} decades"
+        text += ")"
+    return text
 
 
 def opt1(run: Run) -> None:
     """``L + gamma_t R`` (or the baseline's sparsity step) until the method's stop rule or the budget."""
     cfg, pruner = run.cfg, run.pruner
     with run.timed("opt1"):
-        opt = torch.optim.SGD(pruner.param_groups(cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        lr = cfg.opt1_learning_rate
+        base_gamma = run.stages.calibration.gamma
+        opt = torch.optim.SGD(pruner.param_groups(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
         pruner.attach_optimizer(opt)
         run.load_state_into(opt)
         start = run.state.epoch
         if run.stages.opt1 is None:
-            run.stages.opt1 = Opt1Report(method=pruner.method.name, c0=run.state.c0)
+            run.stages.opt1 = Opt1Report(method=pruner.method.name, c0=run.state.c0, gamma=base_gamma, lr=lr)
         op = run.stages.opt1
         stats = decision_stats(pruner)
         if start == 0:
             op.initial_fraction_decided = stats["fraction_decided"]
         stopped = start > 0 and pruner.all_decided()
+        dense_acc = run.stages.dense.accuracy
 
         def after_epoch(e, rec):
             st = decision_stats(pruner)
-            rec.update(stage="opt1", epoch=e, gamma=pruner.gamma, test_accuracy=run.evaluate()["accuracy"],
+            ev = run.evaluate()  # BatchNorm statistics re-estimated: the weights moved faster than they follow
+            rec.update(stage="opt1", epoch=e, gamma=pruner.gamma, test_accuracy=ev["accuracy"], test_loss=ev["loss"],
                        penalty=st["penalty"], fraction_decided=st["fraction_decided"],
                        fraction_c_gt_1=st["fraction_c_gt_1"], undecided=st["undecided"],
                        layers={k: {kk: v[kk] for kk in ("decided", "log10c_gt_0", "hist")} for k, v in st["layers"].items()})
-            run.log(f"opt1 {e}/{cfg.epochs}: loss {rec['train_loss']:.4f} R {st['penalty']:.4f} acc {rec['test_accuracy']:.2f}% "
-                    f"decided {100 * st['fraction_decided']:.1f}% {st['statistic']}>0 {100 * st['fraction_c_gt_1']:.1f}%")
-            stop = pruner.method.has_stop_rule and st["undecided"] == 0
+            control = getattr(pruner.method, "control", None)
+            if control is not None and pruner.target_speedup is not None:
+                predicted = (control.state == 1) | ((control.state == 0) & (torch.cat(pruner.scores()) > 0))
+                rec.update(predicted_speedup=float(pruner.flops_model().ratio(predicted)),
+                           target_shift_decades=control.total_shift)
+            run.log(_opt1_log(e, cfg.epochs, rec, st, pruner))
+            if dense_acc - ev["accuracy"] > 10 and not any(w.startswith("opt1 epoch") for w in op.warnings):
+                op.warnings.append(f"opt1 epoch {e}: test accuracy {ev['accuracy']:.2f}% is {dense_acc - ev['accuracy']:.1f} "
+                                   f"points below the dense {dense_acc:.2f}% (BatchNorm statistics re-estimated): the "
+                                   "sparsity term or the opt1 learning rate is too strong for this model")
+                run.log(f"warning: {op.warnings[-1]}")
+            stop = pruner.all_decided()
             op.epochs_run = e
             run.end_of_epoch("opt1", e, rec, optimizer=opt)
             return stop
 
         e = start
         if not stopped:
-            before_epoch, after_backward, after_step = opt1_hooks(pruner, cfg)
+            before_epoch, after_backward, after_step = opt1_hooks(pruner, base_gamma, cfg)
             e, stopped = epoch_loop("opt1", cfg.epochs, start=start, model=run.model, optimizer=opt, train_set=run.train_set,
                                     batch_size=cfg.batch_size, seed=cfg.seed, device=run.device, before_epoch=before_epoch,
                                     after_backward=after_backward, after_step=after_step, after_epoch=after_epoch,
                                     progress=cfg.progress, loss_fn=run.loss_fn)
+        op.stop_rule_fired = bool(stopped) if pruner.method.has_stop_rule else None
         op.stopped_because = "all channels decided" if stopped else "epoch budget spent"
         op.epochs_run = e
         final = decision_stats(pruner)
         op.final_catalysts = final
-        op.final_threshold = pruner.method.summary().get("final_threshold")
+        summary = pruner.method.summary()
+        op.final_threshold = summary.get("final_threshold")
+        op.decisions = summary.get("decisions")
         ev = run.evaluate()
         op.accuracy, op.loss, op.samples = ev["accuracy"], ev["loss"], ev["samples"]
     run.advance("prune")
@@ -160,6 +185,8 @@ def prune(run: Run) -> None:
     """Decide, verify against the regularized model, remove physically (in place, through the pruner)."""
     cfg, pruner, model = run.cfg, run.pruner, run.model
     with run.timed("prune"):
+        # re-estimated BatchNorm statistics first: the verification below compares eval-mode outputs
+        acc_reg = run.evaluate()["accuracy"]
         rule = pruner.rule()
         scores = pruner.scores()
         decisions = [Decision(t.name, s, p, u, f) for t, s, (p, u, f) in zip(pruner.targets, scores, rule.decide(scores))]
@@ -169,14 +196,16 @@ def prune(run: Run) -> None:
         # --round-to keeps extra (least-pruned) channels; the method's figures (margin, flips, bias) stay the rule's
         removed = round_widths(decisions, cfg.round_to)
         keep = {d.target: d.keep for d in removed}
-        # the masked model (removed channels' consumer columns zeroed) has the pruned model's function
-        masked = mask_model(model, pruner.formulation.inner(model, pruner.targets), keep)
+        # constants that removed channels still feed their consumers (a BN shift left out of the groups) move
+        # into the consumers' biases; the masked model (removed consumer columns zeroed, same folds) has the
+        # pruned model's function
+        folds = pruner.constant_folds(keep)
+        masked = mask_model(model, pruner.formulation.inner(model, pruner.targets), keep, folds=folds)
         x = run.test_batch()
         model.eval(), masked.eval()
         with torch.no_grad():
             y_reg, y_mask = model(x), masked(x)
-        acc_reg = run.evaluate()["accuracy"]
-        summary = pruner.prune(keep)
+        summary = pruner.prune(keep, folds=folds)
         model.eval()
         with torch.no_grad():
             y_pruned = model(x)
@@ -210,15 +239,16 @@ def prune(run: Run) -> None:
                 "function_max_abs_err": function_err, "function_tol": cfg.verify_rtol * max(scale, 1.0),
                 "function_ok": function_err <= cfg.verify_rtol * max(scale, 1.0),
                 "argmax_agreement": float((y_pruned.argmax(1) == y_reg.argmax(1)).float().mean()),
+                "constants_folded": summary.folded,
             },
         )
         # A penalty or learning rate too large for the model collapses it during opt1: say so.
         lost = run.stages.dense.accuracy - acc_reg
         if lost > 10:
             report.warnings.append(
-                f"opt1 lost {lost:.1f} points of test accuracy (dense {run.stages.dense.accuracy:.2f}% -> {acc_reg:.2f}%): "
-                "the sparsity term or the opt1 learning rate is too large for this model; try a smaller --gamma, --c0 "
-                "or --lr")
+                f"opt1 lost {lost:.1f} points of test accuracy (dense {run.stages.dense.accuracy:.2f}% -> {acc_reg:.2f}%, "
+                "BatchNorm statistics re-estimated): the sparsity term or the opt1 learning rate is too large for this "
+                "model; try a smaller --gamma or --opt1-lr, or a longer --epochs budget with --gamma auto")
         for w in report.warnings:
             run.log(f"warning: {w}")
         run.stages.prune = report
@@ -349,6 +379,9 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
         history=run.state.history, runtime_s=dict(elapsed, total=sum(elapsed.values())),
         environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
         method=cfg.method, formulation=cfg.formulation, opt2=None if st.opt2 is None else st.opt2.to_dict(), error=error,
+        evaluation=(f"every accuracy with BatchNorm statistics re-estimated on {cfg.bn_recalibration_batches} training "
+                    f"batches of {cfg.batch_size} (no gradient) first" if cfg.bn_recalibration_batches else
+                    "eval mode with the running BatchNorm statistics training left (bn_recalibration_batches = 0)"),
     )
 
 
