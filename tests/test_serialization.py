@@ -210,3 +210,21 @@ def test_pruner_round_to_gives_kernel_friendly_widths():
     assert sum(v["rounded"] for v in summary.per_target.values()) > 0
     with pytest.raises(ValueError, match="round_to"):
         cf.Pruner(build_model("small_cnn"), (1, 8, 8), round_to=0)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_cifar", "vit_cifar"])
+def test_depthwise_and_attention_models_round_trip(tmp_path, name):
+    # Targets with depthwise rows, norm entries, free parameters and attention heads are replayed too.
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=3)
+    pruner = cf.Pruner(model, (3, 32, 32), mode="group", gamma=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner.prune({t.name: torch.arange(0, t.channels, 2) for t in pruner.targets})
+    save_pruned(model, tmp_path / "m", pruner=pruner)
+    torch.manual_seed(1)
+    loaded = load_pruned(build_model(name, num_classes=10, in_channels=3), tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .surgery import prune_model
-from .targets import ModuleSlice, Target
+from .targets import Target, target_from_dict
 
 __all__ = ["FORMAT", "PrunedModelError", "save_pruned", "load_pruned", "read_pruned_spec", "pruned_paths",
            "original_shapes", "architecture_id"]
@@ -94,8 +94,7 @@ def architecture_id(model: nn.Module) -> str:
 
 
 def _target(d: Mapping) -> Target:
-    pieces = {k: [ModuleSlice(**p) for p in d[k]] for k in ("producers", "bns", "consumers")}
-    return Target(str(d["name"]), int(d["channels"]), **pieces)
+    return target_from_dict(d)
 
 
 def _direct(shapes: Mapping[str, list], module: str) -> list[str]:
@@ -109,18 +108,27 @@ def original_shapes(shapes: Mapping[str, Sequence[int]], removals: Sequence[Mapp
     dim 0, consumer input columns along dim 1)."""
     out = {k: list(v) for k, v in shapes.items()}
     for record in reversed(list(removals)):
+        for module in record.get("created_biases", []):  # biases a constant fold created did not exist before
+            out.pop(f"{module}.bias", None)
         by_name = {t["name"]: _target(t) for t in record["targets"]}
-        removed: dict = {}  # (module, dim) -> positions removed, in the module's own indexing before the removal
+        removed: dict = {}  # (tensor key or module, dim) -> positions removed, in its own indexing before the removal
         for name, kept_idx in record["keep"].items():
             t, kept = by_name[name], set(int(i) for i in kept_idx)
-            for dim, pieces in ((0, t.producers), (0, t.bns), (1, t.consumers)):
-                for p in pieces:
-                    removed.setdefault((p.module, dim), set()).update(
-                        p.start + j for j in range(p.count) if p.offset + j not in kept)
-        for (module, dim), positions in removed.items():
-            for key in _direct(out, module):
-                if len(out[key]) > dim:
-                    out[key][dim] += len(positions)
+            for p, dim in t.module_slices():
+                removed.setdefault((p.module, dim), set()).update(
+                    p.start + j for j in range(p.count) if p.offset + j // p.width not in kept)
+            for p in t.params:
+                removed.setdefault((p.param, p.dim, "param"), set()).update(
+                    p.start + j for j in range(p.count) if p.offset + j // p.width not in kept)
+        for key, positions in removed.items():
+            if len(key) == 3:  # a free parameter
+                if key[0] in out:
+                    out[key[0]][key[1]] += len(positions)
+                continue
+            module, dim = key
+            for k in _direct(out, module):
+                if len(out[k]) > dim:
+                    out[k][dim] += len(positions)
     return out
 
 
@@ -337,6 +345,10 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module], str]
             targets = [_target(t) for t in record["targets"]]
             keep = {name: torch.as_tensor(idx, dtype=torch.long) for name, idx in record["keep"].items()}
             prune_model(model, targets, keep, inplace=True)
+            modules = dict(model.named_modules())
+            for name in record.get("created_biases", []):  # biases a constant fold created; values come with the weights
+                m = modules[name]
+                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
             raise PrunedModelError(f"load_pruned: removal {k} of {spec_path.name} does not apply to this model "
                                    f"({type(exc).__name__}: {exc}); the spec is damaged or for another model") from exc

@@ -63,7 +63,7 @@ Modes (catalyst-method.md section 1):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch_pruning as tp
@@ -153,6 +153,14 @@ class Target:
     def exact(self) -> bool:
         """False when removing channels changes a normalisation's statistics (LayerNorm / RMSNorm entries)."""
         return not self.norms
+
+
+def target_from_dict(d: Mapping) -> Target:
+    """The :class:`Target` that ``dataclasses.asdict`` turned into ``d`` (a pruner's saved history)."""
+    slices = {k: [ModuleSlice(**p) for p in d.get(k, [])] for k in ("producers", "bns", "consumers", "channelwise")}
+    return Target(str(d["name"]), int(d["channels"]), **slices, norms=[NormSlice(**p) for p in d.get("norms", [])],
+                  params=[ParamSlice(**p) for p in d.get("params", [])], attention=d.get("attention"),
+                  head_dim=int(d.get("head_dim", 0)))
 
 
 def _fit(item, size: int):
