@@ -22,9 +22,8 @@ them); the weights are the model's own parameters, so a provider can also work o
   input columns are);
 * ``vgg19_bn_group``: VGG-19-BN for CIFAR-100 (32x32);
 * ``densenet121_group``: torchvision DenseNet-121 (concatenations: consumers read several producers);
-* ``mobilenet_v2_group``: torchvision MobileNetV2, **partial**: groups through depthwise convolutions are
-  not mapped yet (``catalyst_fused/pruning/targets.py`` excludes them), so only the residual-stream groups
-  are in the set;
+* ``mobilenet_v2_group``: torchvision MobileNetV2: the residual-stream groups and the groups through its
+  depthwise convolutions (expansion rows, depthwise rows, BN entries, projection columns);
 * ``transformer_mlp_group``: the 12-layer MLP stack as modules (``x + fc2(gelu(fc1(x)))``), one segment per
   layer: fc1's rows and bias with fc2's input columns.
 
@@ -281,11 +280,8 @@ def load_bench_set(name: str, device="cpu", dtype=torch.float32) -> BenchSet:
         weights, layout = targets.weights, targets.layout
         covered = sum(w.numel() for w in weights)
         total = sum(p.numel() for p in model.parameters())
-        if name == "mobilenet_v2_group":
-            note = (
-                f"partial: {len(targets.targets)} groups of channels ({covered / total:.0%} of the parameters); groups "
-                "through depthwise convolutions are not mapped yet"
-            )
+        if covered < total:
+            note = f"{len(targets.targets)} groups of channels cover {covered / total:.0%} of the parameters"
     for w in weights:
         w.requires_grad_(True)
     return BenchSet(name, list(weights), layout, model, example, tuple(ignored), note)

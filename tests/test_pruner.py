@@ -274,7 +274,7 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="mode"):
         cf.Pruner(model, (3, 8, 8), mode="rows")
     with pytest.raises(ValueError, match="--method"):
-        cf.Pruner(model, (3, 8, 8), method="random")
+        cf.Pruner(model, (3, 8, 8), method="no_such_method")
     with pytest.raises(ValueError, match="example_inputs"):
         cf.Pruner(model, "3x8x8")
     with pytest.raises(TypeError, match="nn.Module"):

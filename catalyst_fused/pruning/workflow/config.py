@@ -136,7 +136,8 @@ class PruneConfig:
             except ImportError as exc:
                 raise ValueError(str(exc)) from None
         if self.gamma == "auto":
-            if self.method != "catalyst":
+            # the unstructured methods have no sparsity coefficient: their threshold follows the target sparsity
+            if self.method != "catalyst" and not is_unstructured(self.method):
                 raise ValueError(f"--gamma auto comes from Catalyst's decision dynamics; --method {self.method} needs a "
                                  "number (e.g. --gamma 0.01)")
         elif isinstance(self.gamma, str):
