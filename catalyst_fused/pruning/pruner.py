@@ -50,6 +50,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .methods import Decision, PruningMethod, RuleContext, get_method
 from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
@@ -395,6 +396,7 @@ class Pruner:
         else:
             keep_idx = {k: v for k, v in self._keep_from(keep).items() if v.numel() < next(
                 t.channels for t in self.targets if t.name == k)}
+        distributed.check_agreement(keep_idx)  # under torch.distributed: every rank removes the same channels
         macs_before = count_flops(self.model, self.example_inputs)["macs"]
         params_before = count_params(self.model)
         before = dict(self.model.named_modules())

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import distributed
 from ..methods import decision_flips, get_method, spearman
 from ..metrics import count_flops, count_params, measure_latency
 from ..pruner import Decision, margin
@@ -326,7 +327,8 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
         magnitude_bias=None if st.prune is None else st.prune.magnitude_bias,
         undecided_total=None if st.prune is None else st.prune.undecided_total,
         history=run.state.history, runtime_s=dict(elapsed, total=sum(elapsed.values())),
-        environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+                     **distributed.environment()},
         method=cfg.method, formulation=cfg.formulation, opt2=None if st.opt2 is None else st.opt2.to_dict(), error=error,
     )
 
