@@ -71,6 +71,12 @@ def _pruner_worker(rank, world):
     mine = {d.target: d.keep.tolist() for d in pruner.decisions()}
     assert mine == {d.target: d.keep.tolist() for d in p1.decisions()}
     assert any(len(k) < t.channels for k, t in zip(mine.values(), pruner.targets))  # something is removed
+    # ranks that disagree remove nothing and all say so
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    keep = {pruner.targets[0].name: [0] if rank == 0 else [1]}
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] disagree with rank 0"):
+        pruner.prune(keep)
+    assert [tuple(p.shape) for p in model.parameters()] == shapes
     wrapper = distributed.training_model(model)
     pruner.prune()
     rebuilt = distributed.training_model(model)
@@ -80,10 +86,6 @@ def _pruner_worker(rank, world):
     other = weights.clone()
     torch.distributed.broadcast(other, src=0)
     assert torch.equal(other, weights)
-    # ranks that disagree remove nothing and all say so
-    keep = {pruner.targets[0].name: [0] if rank == 0 else [1]}
-    with pytest.raises(RuntimeError, match=r"ranks \[1\] disagree with rank 0"):
-        pruner.prune(keep)
     assert distributed.environment() == {"world_size": 2, "backend": "gloo"}
 
 

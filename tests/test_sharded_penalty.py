@@ -102,6 +102,48 @@ def test_the_dtensor_penalty_equals_the_unsharded_reference_in_value_and_every_g
     spawn(_sharded_worker, world=2, timeout=240)
 
 
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_partial_sums_and_finish_match_the_reference_and_the_fused_call(dtype):
+    ops = torch.ops.catalyst_fused
+    for name, ws, lay, cats in _cases():
+        ws, cats = [w.to(dtype) for w in ws], [d.to(dtype) for d in cats]
+        plan = None if lay is None else lay.member_table
+        sums = ops.penalty_partial_sums(ws, cats, plan)
+        assert torch.allclose(sums, reference.partial_sums(ws, cats, lay), rtol=1e-5, atol=1e-6), name
+        # finishing from the full sums is the fused in-place call (same gradients, statistics, penalty)
+        idx_w, idx_d = list(range(len(ws))), list(range(len(cats)))
+        fin_w, fin_d = [torch.ones_like(w) for w in ws], [torch.ones_like(d) for d in cats]
+        fused_w, fused_d = [torch.ones_like(w) for w in ws], [torch.ones_like(d) for d in cats]
+        ref_w, ref_d = [torch.ones_like(w) for w in ws], [torch.ones_like(d) for d in cats]
+        got = ops.penalty_finish_(ws, cats, fin_w, idx_w, fin_d, idx_d, 0.7, plan, sums)
+        want = ops.penalty_accumulate_(ws, cats, fused_w, fused_d, 0.7, plan)
+        via_ref = reference.finish_(ws, cats, ref_w, ref_d, 0.7, lay, sums)
+        for a, b, c in zip(got, want, via_ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True), name
+            assert torch.allclose(a, c, rtol=1e-5, atol=1e-6, equal_nan=True), name
+        rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        for a, b, c in zip(fin_w + fin_d, fused_w + fused_d, ref_w + ref_d):
+            assert torch.allclose(a.float(), b.float(), rtol=rtol, atol=1e-6), name
+            assert torch.allclose(a.float(), c.float(), rtol=rtol, atol=1e-2 if dtype == torch.bfloat16 else 1e-6), name
+        # only the listed tensors get gradients
+        part = [torch.zeros_like(ws[1])]
+        ops.penalty_finish_(ws, cats, part, [1], [], [], 1.0, plan, sums)
+        assert torch.allclose(part[0].float(), (fin_w[1].float() - 1) / 0.7, rtol=rtol, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    with pytest.raises(ValueError, match="sums must be the contiguous"):
+        ops.penalty_finish_(ws, cats, [], [], [], [], 1.0, plan, sums[:-1])
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_opcheck_partial_sums_and_finish():
+    ops = torch.ops.catalyst_fused
+    _, ws, lay, cats = list(_cases())[1]
+    sums = ops.penalty_partial_sums(ws, cats, lay.member_table)
+    torch.library.opcheck(ops.penalty_partial_sums.default, (ws, cats, lay.member_table))
+    wg, dg = [torch.randn_like(w) for w in ws], [torch.randn_like(d) for d in cats]
+    torch.library.opcheck(ops.penalty_finish_.default, (ws, cats, wg, [0, 1], dg, [0], 0.25, lay.member_table, sums))
+
+
 def test_local_layouts_split_cut_width_groups_into_members():
     # 9 rows in groups of 3 on the rank holding rows [5, 9) of a 2-rank split (chunks of 5): a cut group
     # (rows 5) then one whole group (rows 6-8); input columns are untouched
