@@ -16,10 +16,12 @@ from catalyst_fused.pruning import distributed
 
 from _distributed import PYTHON, free_port, launcher_env, python_env, spawn
 
-# The digits run of the CLI tests (a 2-process copy of conftest.TINY_RUN with its own budget).
-CLI_ARGS = ["--dense-epochs", "2", "--epochs", "4", "--finetune-epochs", "1", "--gamma", "0.1", "--c0", "1.5", "--kappa", "1",
-            "--train-limit", "256", "--test-limit", "64", "--batch-size", "64", "--no-plots", "--latency-batch", "4",
-            "--noise-draws", "1"]
+# The digits run of the CLI tests: a barely trained small CNN (dense ~89% on 128 test digits) that a strong
+# penalty prunes to one channel per layer (157 of 160 channels; which channel each layer keeps is decided
+# by the catalysts). It checks the mechanics of N processes against one, not pruning quality.
+CLI_ARGS = ["--dense-epochs", "3", "--epochs", "8", "--finetune-epochs", "1", "--lr", "0.1", "--gamma", "0.05", "--c0", "1.5",
+            "--kappa", "1", "--train-limit", "768", "--test-limit", "128", "--batch-size", "32", "--no-plots",
+            "--latency-batch", "4", "--noise-draws", "1"]
 
 
 def _mlp():
@@ -133,10 +135,12 @@ def test_torchrun_cli_decides_as_one_process_with_the_same_global_batch(ddp_run,
     # rank 0 alone logs: every line once
     assert done.stdout.count("prune: removed") == 1
     a, b = ddp["stages"]["prune"]["channels"]["pruned"], one["stages"]["prune"]["channels"]["pruned"]
+    assert 0 < sum(a) < len(a) and 0 < sum(b) < len(b)  # a real decision, not all-or-nothing
     agree = sum(x == y for x, y in zip(a, b)) / len(a)
     # BatchNorm statistics come from each rank's half of the batch (SyncBatchNorm is GPU-only): the runs are
     # not bit-identical, so decisions of channels near the threshold can differ
     assert agree >= 0.9, (agree, ddp["per_layer_kept"], one["per_layer_kept"])
+    assert ddp["accuracy"]["dense"] > 50 and abs(ddp["accuracy"]["dense"] - one["accuracy"]["dense"]) <= 10.0
     assert abs(ddp["accuracy"]["after_finetune"] - one["accuracy"]["after_finetune"]) <= 15.0
     assert sorted(os.listdir(out)) == sorted(os.listdir(single))  # the same files, written once
 
@@ -168,7 +172,7 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(ddp_run, tmp_path):
         code = procs[0].wait()
     assert code != 0 and not (out / "report.json").exists()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert (ckpt["stage"], ckpt["epoch"]) >= ("opt1", 1)
+    assert ckpt["stage"] == "opt1"  # the run resumes in the middle of the sparsity stage
     port = free_port()
     procs = launch("--resume")
     for p in procs:

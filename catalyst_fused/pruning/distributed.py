@@ -247,7 +247,7 @@ def global_mean(value: torch.Tensor) -> float:
     """The mean of a scalar over the ranks (the loss of the global batch, and one verdict on divergence for
     all ranks); the value itself in a single process."""
     if not is_distributed():
-        return float(value)
+        return float(value.detach())
     t = value.detach().reshape(1).clone().float()
     dist.all_reduce(t)
     return float(t) / world_size()
