@@ -26,16 +26,8 @@ two modes, next to a memory-bandwidth floor measured in the same run (``harness.
 
 Adding a provider is one entry in ``PROVIDERS`` (``api_provider("name")`` for a new ``cf.penalty``
 backend, ``inplace_provider("name")`` for its ``cf.penalty_``). A provider that works on the model (as
-Torch-Pruning's does, or the library's pruner object) takes ``inputs.model``, ``inputs.example_inputs`` and
-``inputs.ignored_layers`` of a group set, e.g.::
-
-    def pruner_setup(inputs, mode):
-        if inputs.model is None:
-            raise Unavailable("needs a model (group sets)")
-        pruner = cf.CatalystPruner(inputs.model, inputs.example_inputs, mode="group",
-                                   ignored_layers=list(inputs.ignored_layers))
-        return pruner.regularize
-    PROVIDERS["pruner"] = Provider(pruner_setup, "CatalystPruner.regularize()", modes=("full",), grads="zeros")
+Torch-Pruning's does, or the library's pruner object, ``pruner_setup`` below) takes ``inputs.model``,
+``inputs.example_inputs`` and ``inputs.ignored_layers`` of a group set.
 """
 from __future__ import annotations
 
@@ -257,6 +249,25 @@ def torch_pruning_setup(inputs: BenchInputs, mode: str) -> Step:
     return step
 
 
+def pruner_setup(inputs: BenchInputs, mode: str) -> Step:
+    """``cf.Pruner(model, example_inputs, mode="group").regularize()``: what a user of the pruner object calls
+    between ``backward()`` and ``optimizer.step()``, with its own targets and catalysts (the same groups as
+    the set's layout), on existing gradients. Built once per set, outside the timer."""
+    if inputs.model is None:
+        raise Unavailable("needs the model (group sets only)")
+    try:
+        from catalyst_fused.pruning import Pruner
+    except ImportError as error:
+        raise Unavailable(f"the [pruning] extra is not installed ({error})") from error
+    pruner = inputs.cache.get("pruner")
+    if pruner is None:
+        pruner = inputs.cache["pruner"] = Pruner(inputs.model, inputs.example_inputs, mode="group", c0=1.0,
+                                                 gamma=1e-4, ignored_layers=list(inputs.ignored_layers))
+        for d in pruner.catalysts:  # existing, zeroed gradients like the model's (the harness resets those)
+            d.grad = torch.zeros_like(d)
+    return pruner.regularize
+
+
 # name -> Provider. A new backend of cf.penalty / cf.penalty_ is one line: "name": api_provider("name").
 PROVIDERS: dict[str, Provider] = {
     "eager": Provider(lambda inputs, mode: autograd_step(eager_fn(inputs), inputs, mode),
@@ -267,6 +278,8 @@ PROVIDERS: dict[str, Provider] = {
     "cpp_inplace": inplace_provider("cpp"),
     "triton": api_provider("triton"),
     "triton_inplace": inplace_provider("triton"),
+    "pruner": Provider(pruner_setup, "cf.Pruner(model, mode='group').regularize() (group sets)", modes=("full",),
+                       grads="zeros"),
     "torch_pruning": Provider(torch_pruning_setup, "Torch-Pruning 1.6 GroupNormPruner.regularize(model) (group sets)",
                               modes=("full",), in_quick=False, grads="zeros"),
 }

@@ -218,11 +218,19 @@ def _vgg19_bn_cifar():
     return model, (3, 32, 32), (last,)
 
 
+def _resnet56_cifar():
+    from catalyst_fused.models import resnet56
+
+    model = resnet56(num_classes=10)
+    return model, (3, 32, 32), (model.fc,)
+
+
 def _transformer_mlp_model():
     return TransformerMLP(), (8, 768), ()
 
 
 _GROUP_MODELS = {
+    "resnet56_group": _resnet56_cifar,
     "resnet50_group": _vision("resnet50", 224, lambda m: m.fc),
     "vgg19_bn_group": _vgg19_bn_cifar,
     "densenet121_group": _vision("densenet121", 224, lambda m: m.classifier),

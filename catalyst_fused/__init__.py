@@ -2,12 +2,14 @@
 
     import catalyst_fused as cf
     pruner = cf.Pruner(model, example_inputs, gamma=0.03)    # the pruner object (needs the [pruning] extra)
+    model = cf.load_pruned(MyNet(), "runs/x/pruned_model")    # a pruned model from its safe files
     catalysts = cf.init_catalysts(weights, c0=1.0)           # or the kernels directly (torch and numpy only)
     loss = criterion(model(x), y) + gamma * cf.penalty(weights, catalysts)
 
 The kernels and the operator layer need only torch and numpy. The pruner and the workflow
 (``catalyst_fused.pruning``) need the ``[pruning]`` extra (torch-pruning, torchvision, scikit-learn, tqdm,
-matplotlib); ``cf.Pruner`` is imported on first use and names the extra if something is missing.
+matplotlib, safetensors); ``cf.Pruner`` (and ``cf.load_pruned``, ``cf.save_pruned``, ``cf.export_model``) are
+imported on first use and name the extra if something is missing.
 """
 from . import reference
 from .functional import (
@@ -21,12 +23,14 @@ from .functional import (
     split_per_weight,
 )
 from .layout import GroupLayout, Slices
+from .sparsity import soft_threshold_
 from .backends.triton_ops import triton_available
 from .operators import cpp_available, cuda_kernels_built
 
 __version__ = "0.1.0"
 
-_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline")
+_PRUNING_NAMES = ("Pruner", "CatalystPruner", "PruneConfig", "run_pipeline", "recalibrate_bn", "load_pruned", "save_pruned",
+                  "export_model")
 
 
 def require_pruning_extra(what: str = "catalyst_fused.pruning") -> None:
@@ -34,7 +38,8 @@ def require_pruning_extra(what: str = "catalyst_fused.pruning") -> None:
     import importlib.util
 
     missing = [name for module, name in (("torch_pruning", "torch-pruning"), ("torchvision", "torchvision"),
-                                         ("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib"))
+                                         ("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib"),
+                                         ("safetensors", "safetensors"))
                if importlib.util.find_spec(module) is None]
     if missing:
         raise ImportError(f"{what} needs the [pruning] extra; missing: {', '.join(missing)}. Install it with "
@@ -66,6 +71,7 @@ __all__ = [
     "penalty_",
     "reference",
     "resolve_backend",
+    "soft_threshold_",
     "split_per_weight",
     "triton_available",
 ]

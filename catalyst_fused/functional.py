@@ -70,8 +70,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "reference"
     if backend == "triton":
         if not triton_ops.triton_available(device):
-            why = triton_ops.TRITON_IMPORT_ERROR or f"tensors on {device} need CUDA (or TRITON_INTERPRET=1 on CPU)"
-            raise RuntimeError(f"catalyst_fused: backend='triton' cannot run here: {why}")
+            raise RuntimeError(f"catalyst_fused: backend='triton' cannot run here: {triton_ops.unavailable_reason(device)}")
         return "triton"
     if backend == "cpp":
         if not operators.cpp_available():

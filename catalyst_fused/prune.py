@@ -3,6 +3,8 @@
     python -m catalyst_fused.prune --model small_cnn --dataset digits --mode group --out runs/digits
     python -m catalyst_fused.prune --out runs/digits --resume          # continue an interrupted run
     python -m catalyst_fused.prune --formulation bypass --opt2-epochs 5  # extended model psi = Dx - Dbar x + sigma(x)
+    python -m catalyst_fused.prune --export onnx,pt2 --round-to 8    # deployable files; kernel-friendly widths
+    python -m catalyst_fused.prune --method lats --sparsity 0.9 --out runs/lats  # unstructured: 90% zero weights
 
 Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
 :mod:`catalyst_fused.pruning.workflow` for what each stage does.
@@ -50,6 +52,12 @@ def _int_at_least(low: int):
     return parse
 
 
+def _gamma(text: str):
+    if text == "auto":
+        return text
+    return _nonneg_float(text)
+
+
 def _momentum(text: str) -> float:
     try:
         value = float(text)
@@ -70,12 +78,23 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODEL_NAMES
     from .pruning.formulations import FORMULATIONS
     from .pruning.methods import METHODS
     from .pruning.targets import MODES
+    from .pruning.unstructured import SCHEDULES, SCOPES, SPARSITY_METHODS
     from .pruning.workflow import PruneConfig
 
     d = PruneConfig()
@@ -83,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--data-root", default=None, help="dataset directory (cifar10/cifar100/imagefolder)")
-    p.add_argument("--method", choices=list(METHODS), default=d.method,
-                   help="catalyst, or a baseline on the same kernels: group_lasso, slimming, lats, lats_group")
+    p.add_argument("--method", choices=list(METHODS) + list(SPARSITY_METHODS), default=d.method,
+                   help="catalyst, or a channel baseline on the same kernels: group_lasso, slimming, lats_channel, "
+                        "lats_group; or unstructured pruning to --sparsity: lats (soft-threshold reparameterisation, "
+                        "Chen et al. 2023), magnitude")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="catalyst groups: BN scales, filters, or coupled groups")
     p.add_argument("--formulation", choices=FORMULATIONS, default=d.formulation,
                    help="regularizer: d only in R (default); bypass: extended model psi(x) = D x - Dbar x + sigma(x), "
@@ -101,19 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt2-lr", type=_positive_float, default=None, help="bypass: constant opt2 learning rate (default: --finetune-lr)")
     p.add_argument("--opt2-tol", type=_positive_float, default=d.opt2_tol,
                    help="bypass: largest max|d - dbar| accepted at the snap (a larger one is reported, not raised)")
-    p.add_argument("--gamma", type=_nonneg_float, default=d.gamma,
-                   help="penalty weight gamma (the L1 / Group Lasso weight lam of the baselines)")
+    p.add_argument("--gamma", type=_gamma, default=d.gamma,
+                   help="penalty weight gamma, or 'auto' (Catalyst, the default: from the opt1 step budget, so that a "
+                        "channel 2%% off the threshold decides within half of it); the baselines need a number (their "
+                        "L1 / Group Lasso weight)")
     p.add_argument("--gamma-warmup", type=_nonneg_int, default=d.gamma_warmup, help="epochs of linear gamma warm-up")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--c0", type=_positive_float, default=d.c0, help="catalyst init d = c0 * n")
-    group.add_argument("--target-speedup", type=_positive_float, default=None,
-                       help="FLOPs ratio to reach: Catalyst calibrates c0 (bisection over opt1 trial runs); "
-                            "the baselines remove channels in the order of their statistic until it is reached")
-    p.add_argument("--calib-epochs", type=_nonneg_int, default=d.calib_epochs,
-                   help="opt1 epochs per calibration trial; 0 (default) = the full opt1 with its stop rule (exact)")
-    p.add_argument("--calib-iters", type=_nonneg_int, default=d.calib_iters)
-    p.add_argument("--calib-c0-max", type=_positive_float, default=d.calib_c0_max)
-    p.add_argument("--kappa", type=_positive_float, default=d.kappa, help="decided iff |log10 c| > kappa")
+    p.add_argument("--c0", type=_positive_float, default=d.c0,
+                   help="catalyst init: every channel starts at corrected ratio u = c sqrt(k) = c0 (1: the threshold)")
+    p.add_argument("--target-speedup", type=_positive_float, default=None,
+                   help="FLOPs ratio to reach: Catalyst steers its undecided catalysts to it during opt1 (one run); "
+                        "the baselines remove channels in the order of their statistic until it is reached")
+    p.add_argument("--kappa", type=_positive_float, default=d.kappa,
+                   help="a channel is decided (and frozen) when |log10 u| > kappa")
     p.add_argument("--norm-threshold", type=_positive_float, default=d.norm_threshold,
                    help="baselines without --target-speedup: remove groups with norm <= this")
     p.add_argument("--dense-checkpoint", default=None,
@@ -121,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-level", type=_nonneg_float, default=d.noise_level,
                    help="relative weight noise for the decision-flip figure")
     p.add_argument("--noise-draws", type=_int_at_least(1), default=d.noise_draws)
-    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate of dense training")
+    p.add_argument("--opt1-lr", type=_positive_float, default=None,
+                   help="constant opt1 learning rate (default: 0.1 x --lr; the dense stage ends annealed, and a jump back "
+                        "to its peak costs accuracy)")
+    p.add_argument("--bn-recalibration-batches", type=_nonneg_int, default=d.bn_recalibration_batches,
+                   help="re-estimate BatchNorm statistics on this many training batches before every reported accuracy "
+                        "(0: off)")
     p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
     p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)
     p.add_argument("--momentum", type=_momentum, default=d.momentum)
@@ -131,11 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device)
     p.add_argument("--image-size", type=_int_at_least(1), default=None,
                    help="input resolution (default: 8 for small_cnn on digits, else 32)")
-    p.add_argument("--latency-batch", type=_int_at_least(1), default=d.latency_batch)
+    p.add_argument("--latency-batch", type=_int_at_least(1), default=d.latency_batch,
+                   help="latency is measured at batch 1 and this batch size")
+    p.add_argument("--latency", default=d.latency,
+                   help="runtimes the dense and pruned models are timed in, comma-separated from eager, compile, "
+                        "onnxruntime (eager always; default: all three)")
+    p.add_argument("--latency-threads", default=d.latency_threads, help="thread counts timed, comma-separated")
+    p.add_argument("--latency-repeats", type=_int_at_least(3), default=d.latency_repeats,
+                   help="timed samples per model and setting")
+    p.add_argument("--export", default=d.export,
+                   help="export the pruned model: onnx, pt2 or onnx,pt2 (pruned_model.onnx / .pt2 in --out, each checked "
+                        "against the eager model on test inputs; onnx needs the [export] extra). With --resume on a "
+                        "finished run: export it (and retake the latency figures) without training")
+    p.add_argument("--round-to", type=_int_at_least(1), default=d.round_to,
+                   help="round every kept width up to a multiple of this (e.g. 8 or 16) by keeping the least-pruned "
+                        "extra channels; 1 = no rounding")
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
     p.add_argument("--train-limit", type=_int_at_least(1), default=None,
                    help="use only the first N training samples (smoke runs)")
     p.add_argument("--test-limit", type=_int_at_least(1), default=None, help="use only the first N test samples (smoke runs)")
+    p.add_argument("--sparsity", type=_fraction, default=None,
+                   help="lats/magnitude: target fraction of zero weights over the sparsified tensors, in [0, 1)")
+    p.add_argument("--sparsity-scope", choices=SCOPES, default=d.sparsity_scope,
+                   help="global: one threshold over all sparsified tensors; layer: every tensor at --sparsity")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="lats threshold schedule: lats (cumulative per-epoch cosine lr), slats (x + sin(pi x)/pi), "
+                        "continuation (L1 coefficient growing by --beta over the run)")
+    p.add_argument("--beta", type=_positive_float, default=d.beta, help="continuation schedule: growth factor")
+    p.add_argument("--sparsify-first", action="store_true", help="lats/magnitude: also sparsify the first layer")
+    p.add_argument("--sparsify-classifier", action="store_true",
+                   help="lats/magnitude: also sparsify the last layer (the classifier)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
@@ -174,6 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         distributed.shutdown()
     if result.status == "diverged":
         print(f"error: {result.error} (report: {cfg.out}/report.json)", file=sys.stderr)
+        return 1
+    failed = [f"{fmt}: {r['error']}" for fmt, r in (getattr(result, "exports", None) or {}).items() if not r["ok"]]
+    if failed:
+        print(f"error: export failed: {'; '.join(failed)} (report: {cfg.out}/report.json)", file=sys.stderr)
         return 1
     return 0
 

@@ -37,12 +37,14 @@ if str(HERE.parent) not in sys.path:  # `python experiments/x.py` from a checkou
     sys.path.insert(0, str(HERE.parent))
 
 from catalyst_fused.pruning import PruneConfig, Report, run_pipeline  # noqa: E402
+from catalyst_fused.pruning.workflow.config import RUN_ONLY_FIELDS  # noqa: E402
 from catalyst_fused.pruning.methods import METHODS  # noqa: E402
 
-# Strength of each method's sparsity term. Catalyst's is the pipeline default. Each baseline's was picked
-# from {0.003, 0.01, 0.03} on the quick digits setting (seed 0, 4x target) as the one with the best accuracy
-# right after removal (the table is in experiments/README.md).
-GAMMA = {"catalyst": 0.03, "group_lasso": 0.01, "slimming": 0.01, "lats": 0.01, "lats_group": 0.03}
+# Strength of each method's sparsity term. Catalyst's is the pipeline default (gamma from the opt1 budget). Each
+# baseline's was picked from {0.003, 0.01, 0.03} on the quick digits setting (seed 0, 4x target) as the one with
+# the best accuracy right after removal (the table is in experiments/README.md); random pruning has none.
+GAMMA = {"catalyst": "auto", "group_lasso": 0.01, "slimming": 0.01, "lats_channel": 0.01, "lats_group": 0.03,
+         "random": 0.0}
 
 
 @dataclass
@@ -125,7 +127,7 @@ def _run(cfg: PruneConfig, log) -> Report:
 def _identity(cfg: PruneConfig) -> dict:
     """What makes a run: its whole configuration except where it is written and how it is shown."""
     d = cfg.to_dict()
-    for k in ("out", "progress", "plots"):
+    for k in RUN_ONLY_FIELDS:
         d.pop(k)
     if d.get("dense_checkpoint"):  # the dense weights are identified by the run that made them, not the path
         d["dense_checkpoint"] = Path(d["dense_checkpoint"]).parent.name
@@ -162,7 +164,7 @@ def collect(args, log=print) -> tuple[Setting, list[dict]]:
     base = PruneConfig(model=setting.model, dataset=setting.dataset, data_root=args.data_root,
                        dense_epochs=setting.dense_epochs, epochs=setting.epochs, finetune_epochs=setting.finetune_epochs,
                        train_limit=setting.train_limit, test_limit=setting.test_limit, batch_size=setting.batch_size,
-                       device=args.device, progress=False, plots=False, **setting.extra)
+                       device=args.device, progress=False, plots=False, latency="eager", **setting.extra)
     # Every run's folder is named by the hash of its whole configuration (config_key), so a changed gamma,
     # budget or option makes a new run instead of reusing a stale one; settings that share runs share them.
     root = Path(args.runs_dir) / f"{setting.model}-{setting.dataset}"

@@ -85,8 +85,13 @@ def assert_resumed_run_equals_straight_run(straight_dir, resumed_dir, straight, 
     """An interrupted-and-resumed pipeline run ended exactly where the uninterrupted one did: the same pruned
     weights bit for bit, the same accuracies, widths and training losses (``straight``, ``resumed``: the
     runs' :class:`~catalyst_fused.pruning.Report`)."""
-    a = torch.load(straight_dir / "pruned_model.pt", weights_only=False)["model"].state_dict()
-    b = torch.load(resumed_dir / "pruned_model.pt", weights_only=False)["model"].state_dict()
+    from safetensors.torch import load_file
+
+    if (straight_dir / "pruned_model.safetensors").exists():
+        a = load_file(straight_dir / "pruned_model.safetensors")
+        b = load_file(resumed_dir / "pruned_model.safetensors")
+    else:  # unstructured methods: the sparse weights with their masks
+        a, b = (torch.load(d / "sparse_model.pt", weights_only=True)["state_dict"] for d in (straight_dir, resumed_dir))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -1,7 +1,8 @@
 import os
 
 # The Triton interpreter must be chosen before any @triton.jit decorator runs (GPU-less CI runs Triton
-# kernels on CPU tensors).
+# kernels on CPU tensors). While it is on, the Triton backend refuses CUDA tensors and its GPU tests skip
+# with that reason: a GPU run sets TRITON_INTERPRET=0 (scripts/gpu_check.sh does).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -13,11 +14,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-# A pipeline run that prunes quickly (strong penalty, c0 well above 1, kappa 1) on a subset of digits: it
-# removes most channels of a barely trained network. It checks mechanics, not quality (the README's runs do).
+# A pipeline run that prunes quickly (strong penalty at a large opt1 lr, c0 well above 1, kappa 1) on a subset of
+# digits: it removes most channels of a barely trained network. It checks mechanics, not quality (the README's
+# runs do).
 TINY_RUN = dict(
     model="small_cnn", dataset="digits", dense_epochs=3, epochs=6, finetune_epochs=1, gamma=0.1, c0=1.5, kappa=1.0,
+    opt1_lr=0.05,
     train_limit=512, test_limit=128, batch_size=64, progress=False, plots=False, latency_batch=8, noise_draws=2,
+    latency="eager", latency_repeats=3,
 )
 
 

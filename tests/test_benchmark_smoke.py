@@ -69,8 +69,9 @@ def test_overhead_quick_writes_csv(tmp_path):
 
 
 @pytest.mark.skipif(not cf.cpp_available(), reason="the compiled extension is not built")
-def test_overhead_group_set_with_torch_pruning(tmp_path):
-    # A group-layout set built from a real model, with Torch-Pruning's regularizer on the same model.
+def test_overhead_group_set_with_torch_pruning_and_pruner(tmp_path):
+    # A group-layout set built from a real model, with Torch-Pruning's regularizer and our pruner object on
+    # the same model.
     pytest.importorskip("torch_pruning")
     pytest.importorskip("torchvision")
     out = tmp_path / "overhead.csv"
@@ -78,7 +79,7 @@ def test_overhead_group_set_with_torch_pruning(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     command = [
         sys.executable, str(OVERHEAD), "--weight-sets", "mobilenet_v2_group",
-        "--providers", "eager,cpp,cpp_inplace,torch_pruning", "--modes", "full",
+        "--providers", "eager,cpp,cpp_inplace,pruner,torch_pruning", "--modes", "full",
         "--reps", "2", "--warmup", "1", "--rounds", "1", "--max-seconds", "0.1", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -87,8 +88,9 @@ def test_overhead_group_set_with_torch_pruning(tmp_path):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     by_provider = {r["provider"]: r for r in rows}
-    assert set(by_provider) == {"floor", "eager", "cpp", "cpp_inplace", "torch_pruning"}
+    assert set(by_provider) == {"floor", "eager", "cpp", "cpp_inplace", "pruner", "torch_pruning"}
     assert by_provider["torch_pruning"]["grads"] == "zeros" and by_provider["cpp"]["grads"] == "none"
+    assert by_provider["pruner"]["grads"] == "zeros"
     for r in rows:
         assert int(r["n_params"]) == 3_410_240 and int(r["n_rows"]) == 1_992  # groups of the layout
         assert float(r["median_ms"]) > 0 and math.isfinite(float(r["ratio_vs_floor"]))

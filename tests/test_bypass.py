@@ -12,7 +12,6 @@ from torch import nn
 import catalyst_fused as cf
 from _helpers import assert_resumed_run_equals_straight_run
 from catalyst_fused import prune as cli
-from catalyst_fused.data import load_dataset
 from catalyst_fused.models import build_model
 from catalyst_fused.pruning import (
     MODES,
@@ -20,8 +19,8 @@ from catalyst_fused.pruning import (
     build_target_set,
     bypass,
     find_targets,
+    load_pruned,
     mask_model,
-    predict_speedup,
     prune_model,
     run_pipeline,
 )
@@ -256,7 +255,7 @@ def test_bypass_pipeline_prunes_verifies_folds_and_reports(tmp_path, tiny_config
     assert on_disk["accuracy"]["after_opt2"] == opt2["accuracy_after_snap"]
     assert [h["epoch"] for h in on_disk["history"] if h["stage"] == "opt2"] == [1, 2]
     # the final model: no bypass, the original architecture with the kept widths
-    model = torch.load(tmp_path / "run" / "pruned_model.pt", weights_only=False)["model"]
+    model = load_pruned("small_cnn", tmp_path / "run")  # rebuilt from the definition: fails if a bypass tensor was saved
     assert not bypass.is_wrapped(model)
     targets = _targets(build_model("small_cnn"))
     widths = {t.name: list(range(report.per_layer_kept[t.name])) for t in targets}
@@ -278,15 +277,23 @@ def test_bypass_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_config, qu
     assert straight.opt2 == resumed.opt2
 
 
-def test_calibration_trials_run_the_bypass_opt1():
-    train, _, _ = load_dataset("digits", image_size=8, channels=1)
-    train = torch.utils.data.Subset(train, range(256))
-    model = build_model("small_cnn")
-    cfg = PruneConfig(gamma=0.1, calib_epochs=4, kappa=0.5, progress=False, formulation="bypass")
-    low = predict_speedup(model, cfg, train, 0.8, (1, 8, 8))
-    high = predict_speedup(model, cfg, train, 2.0, (1, 8, 8))
-    assert low < high and high > 1.5
-    assert not bypass.is_wrapped(model)  # the trials work on wrapped copies
+def test_catalyst_rescaling_keeps_the_extended_models_function():
+    """The threshold tracking and the target feedback multiply the catalysts d; in the extended model d is in the
+    forward pass, so dbar moves with it (d - dbar unchanged): the function stays, the ratios move."""
+    torch.manual_seed(0)
+    model = _warm_bn(build_model("small_cnn"))
+    pruner = cf.Pruner(model, (1, 8, 8), formulation="bypass", c0=1.3, target_speedup=1.5)
+    x = torch.randn(8, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    ratios = torch.cat([d.detach().clone() for d in pruner.catalysts])
+    factors = torch.exp(torch.randn(ratios.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    pruner.rescale_catalysts_(factors)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([d.detach() for d in pruner.catalysts]).double(), ratios.double() * factors,
+                               rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------- bad configs

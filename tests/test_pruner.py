@@ -213,9 +213,20 @@ def test_regularize_is_the_fused_penalty_and_follows_the_grad_scaler():
     torch.testing.assert_close(stats.penalty, cf.reference.penalty(ref_w, ref_d, ts.layout).detach(), rtol=1e-5, atol=0)
 
 
+def test_frozen_weights_get_no_penalty_gradient():
+    # A frozen weight must not get a .grad from the penalty (the optimizer would then update it).
+    model = UserNet()
+    model.hidden.weight.requires_grad_(False)
+    pruner = cf.Pruner(model, (3, 8, 8))
+    pruner.regularize()
+    assert model.hidden.weight.grad is None
+    assert model.stem.weight.grad is not None and model.stem.weight.grad.abs().sum() > 0
+    assert all(d.grad is not None for d in pruner.catalysts)
+
+
 def test_baselines_have_no_stop_rule_and_lats_needs_a_learning_rate():
     model = _warm(UserNet())
-    lats = cf.Pruner(model, (3, 8, 8), method="lats", gamma=0.1)
+    lats = cf.Pruner(model, (3, 8, 8), method="lats_channel", gamma=0.1)
     assert lats.regularize() is None and not lats.all_decided()
     with pytest.raises(ValueError, match="learning rate"):
         lats.after_step()
@@ -263,7 +274,7 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="mode"):
         cf.Pruner(model, (3, 8, 8), mode="rows")
     with pytest.raises(ValueError, match="--method"):
-        cf.Pruner(model, (3, 8, 8), method="magnitude")
+        cf.Pruner(model, (3, 8, 8), method="random")
     with pytest.raises(ValueError, match="example_inputs"):
         cf.Pruner(model, "3x8x8")
     with pytest.raises(TypeError, match="nn.Module"):

@@ -1,8 +1,10 @@
 """Registers the Triton kernels as operators ``catalyst_fused::triton_penalty_*``.
 
 They are ``torch.library.custom_op``s with fake functions and autograd, so ``torch.compile(fullgraph=True)``
-treats them as opaque nodes, like the C++ operators. They accept tensors on any device Triton can launch
-on: CUDA, or CPU under ``TRITON_INTERPRET=1`` (how GPU-less CI runs them).
+treats them as opaque nodes, like the C++ operators. They run on CUDA tensors when Triton compiles for the
+GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (how GPU-less CI runs them) -- never on CUDA tensors
+while interpreted: the interpreter would read the device addresses in the pointer tables as host memory.
+They are tagged ``cudagraph_unsafe`` (where torch has the tag) and refuse CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from .._validation import check_penalty_args
 from ..operators import stats_like as _stats_like
+from ..reference import accumulation_dtype
 
 try:
     from . import triton_penalty as _kernels
@@ -28,22 +31,34 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors on ``device``: CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1."""
+    """Whether the Triton kernels can run on tensors on ``device``: CUDA tensors when Triton compiles
+    (TRITON_INTERPRET unset or 0), CPU tensors under TRITON_INTERPRET=1."""
     if _kernels is None:
         return False
+    device = torch.device(device)
     if device.type == "cuda":
-        return True
+        return not _INTERPRETED
     return device.type == "cpu" and _INTERPRETED
+
+
+def unavailable_reason(device: torch.device) -> str:
+    """Why triton_available(device) is False (empty when it is True)."""
+    device = torch.device(device)
+    if _kernels is None:
+        return f"triton is not importable: {TRITON_IMPORT_ERROR}"
+    if device.type == "cuda" and _INTERPRETED:
+        return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only (set TRITON_INTERPRET=0 for CUDA)"
+    if device.type == "cpu" and not _INTERPRETED:
+        return "CPU tensors need TRITON_INTERPRET=1, set before triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"no Triton kernels for {device.type} tensors"
+    return ""
 
 
 def _check_device(weights):
     device = weights[0].device
     if not triton_available(device):
-        reason = TRITON_IMPORT_ERROR or (
-            f"tensors on {device} need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported"
-        )
-        raise RuntimeError(f"catalyst_fused: the Triton backend cannot run here: {reason}")
+        raise RuntimeError(f"catalyst_fused: the Triton backend cannot run here: {unavailable_reason(device)}")
 
 
 def _check_contiguous(tensors, name):
@@ -52,7 +67,11 @@ def _check_contiguous(tensors, name):
             raise ValueError(f"catalyst_fused: {name}[{i}] must be contiguous")
 
 
-@torch.library.custom_op("catalyst_fused::triton_penalty_forward", mutates_args=())
+# Inductor keeps ops with this tag out of CUDA graphs (reduce-overhead mode) instead of failing the capture.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("catalyst_fused::triton_penalty_forward", mutates_args=(), tags=_TAGS)
 def triton_penalty_forward(
     weights: list[torch.Tensor], catalysts: list[torch.Tensor], plan: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +88,22 @@ def _(weights, catalysts, plan):
     return _stats_like(weights, catalysts)
 
 
-@torch.library.custom_op("catalyst_fused::triton_penalty_backward", mutates_args=())
+def _check_norms(grad_penalty, weights, catalysts, norms):
+    acc = accumulation_dtype(weights[0].dtype)
+    groups = sum(d.shape[0] for d in catalysts)
+    if norms.dim() != 1 or norms.shape[0] != groups or norms.dtype != acc or not norms.is_contiguous() or norms.device != weights[0].device:
+        raise ValueError(
+            f"catalyst_fused: norms must be the contiguous {acc} [{groups}] tensor returned by penalty_forward, "
+            f"on {weights[0].device}; got {norms.dtype} {tuple(norms.shape)} on {norms.device}"
+        )
+    if grad_penalty.numel() != 1 or grad_penalty.device != weights[0].device:
+        raise ValueError(
+            f"catalyst_fused: grad_penalty must have one element on {weights[0].device}, got shape "
+            f"{tuple(grad_penalty.shape)} on {grad_penalty.device}"
+        )
+
+
+@torch.library.custom_op("catalyst_fused::triton_penalty_backward", mutates_args=(), tags=_TAGS)
 def triton_penalty_backward(
     grad_penalty: torch.Tensor,
     weights: list[torch.Tensor],
@@ -77,6 +111,10 @@ def triton_penalty_backward(
     norms: torch.Tensor,
     plan: Optional[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    check_penalty_args(weights, catalysts, per_row=plan is None)
+    _check_contiguous(weights, "weights")
+    _check_contiguous(catalysts, "catalysts")
+    _check_norms(grad_penalty, weights, catalysts, norms)
     _check_device(weights)
     return _kernels.penalty_backward(grad_penalty, weights, catalysts, norms, plan)
 
@@ -87,7 +125,7 @@ def _(grad_penalty, weights, catalysts, norms, plan):
 
 
 @torch.library.custom_op(
-    "catalyst_fused::triton_penalty_accumulate_", mutates_args=("weight_grads", "catalyst_grads")
+    "catalyst_fused::triton_penalty_accumulate_", mutates_args=("weight_grads", "catalyst_grads"), tags=_TAGS
 )
 def triton_penalty_accumulate_(
     weights: list[torch.Tensor],
@@ -107,6 +145,7 @@ def triton_penalty_accumulate_(
                     f"catalyst_fused: {name}[{i}] must be a contiguous {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
                 )
     _check_contiguous(weights, "weights")
+    _check_contiguous(catalysts, "catalysts")
     _check_device(weights)
     return _kernels.penalty_accumulate_(weights, catalysts, weight_grads, catalyst_grads, scale, plan)
 

@@ -10,18 +10,36 @@ Needs the ``[pruning]`` extra (Torch-Pruning finds the coupled channel groups). 
 ``python -m catalyst_fused.prune --help``. Layout: :mod:`.targets` (which channels are prunable),
 :mod:`.surgery` (physical removal), :mod:`.methods` (Catalyst and the baselines), :mod:`.formulations` and
 :mod:`.bypass` (regularizer / extended model), :mod:`.pruner` (the public object), :mod:`.metrics`,
-:mod:`.workflow` (the pipeline's stages and runner).
+:mod:`.workflow` (the pipeline's stages and runner), :mod:`.serialization` (the pruned model as safetensors +
+JSON spec, :func:`load_pruned`), :mod:`.export` (ONNX / ``.pt2``, checked), :mod:`.latency` (dense vs pruned
+in eager, compile and onnxruntime).
 """
 from . import bypass
+from .export import EXPORT_FORMATS, ExportCheckError, ExportResult, export_model
+from .latency import RUNTIMES, LatencyTable, compare_latency
 from .formulations import FORMULATIONS
-from .methods import METHODS, Decision
+from .methods import METHODS, Decision, round_widths
 from .metrics import count_flops, count_params, evaluate, measure_latency
 from .pruner import CatalystPruner, PruneSummary, Pruner, PruningStats, TargetStats
+from .serialization import PrunedModelError, load_pruned, read_pruned_spec, save_pruned
 from .surgery import keep_indices, mask_model, prune_model, slice_catalysts, slice_optimizer_state_
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, find_targets
-from .workflow import Interrupted, PruneConfig, Report, calibrate_c0, predict_speedup, run_pipeline
+from .bn import recalibrate_bn
+from .workflow import Interrupted, PruneConfig, Report, run_pipeline
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "ExportCheckError",
+    "ExportResult",
+    "LatencyTable",
+    "PrunedModelError",
+    "RUNTIMES",
+    "compare_latency",
+    "export_model",
+    "load_pruned",
+    "read_pruned_spec",
+    "round_widths",
+    "save_pruned",
     "FORMULATIONS",
     "METHODS",
     "MODES",
@@ -39,7 +57,6 @@ __all__ = [
     "TargetStats",
     "build_target_set",
     "bypass",
-    "calibrate_c0",
     "count_flops",
     "count_params",
     "evaluate",
@@ -47,8 +64,8 @@ __all__ = [
     "keep_indices",
     "mask_model",
     "measure_latency",
-    "predict_speedup",
     "prune_model",
+    "recalibrate_bn",
     "run_pipeline",
     "slice_catalysts",
     "slice_optimizer_state_",

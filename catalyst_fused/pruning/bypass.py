@@ -147,6 +147,11 @@ def supported_targets(targets: Sequence[Target]) -> tuple[list, list]:
     format of ``find_targets(..., return_excluded=True)``. **[our reading / limitation]**"""
     supported, excluded = [], []
     for t in targets:
+        other = [role for role in ("channelwise", "norms", "params", "attention") if getattr(t, role, None)]
+        if other:  # depthwise convolutions, norms, free parameters, heads: no single channel-wise op to extend
+            excluded.append({"producers": [p.module for p in t.producers],
+                             "reason": f"--formulation bypass: the group has {', '.join(other)}, which the bypass does not carry"})
+            continue
         if len(t.producers) == 1 and len(t.bns) <= 1 and all(_whole(p, t.channels) for p in (*t.producers, *t.bns)):
             supported.append(t)
         else:
@@ -209,6 +214,11 @@ def _ordered(model: nn.Module, targets: Sequence[Target]) -> list[Bypass]:
     if missing:
         raise ValueError(f"bypass: no Bypass module for target(s) {', '.join(missing)}")
     return [by_producer[t.name] for t in targets]
+
+
+def ordered_wrappers(model: nn.Module, targets: Sequence[Target]) -> list[Bypass]:
+    """The :class:`Bypass` modules in target order (the order of :func:`catalysts`)."""
+    return _ordered(model, targets)
 
 
 def _wrap(model: nn.Module, sites: Sequence[Site], values: Mapping[str, tuple]) -> nn.Module:

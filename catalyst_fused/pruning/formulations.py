@@ -54,6 +54,14 @@ class Formulation:
         """The catalysts the model itself holds (attached formulations)."""
         raise ValueError(f"formulation {self.name!r} holds no catalysts in the model")
 
+    def rescale_(self, model: nn.Module, targets: Sequence[Target], catalysts: Sequence[torch.Tensor],
+                 factors: torch.Tensor) -> None:
+        """Multiplies the catalysts by ``factors`` (flat over the targets' channels), in place (Catalyst's threshold
+        tracking and target feedback)."""
+        with torch.no_grad():
+            for d, f in zip(catalysts, torch.split(factors, [d.shape[0] for d in catalysts])):
+                d.mul_(f.to(device=d.device, dtype=d.dtype))
+
 
 class Regularizer(Formulation):
     name = "regularizer"
@@ -90,6 +98,14 @@ class BypassFormulation(Formulation):
 
     def catalysts(self, model, targets):
         return bypass.catalysts(model, targets)
+
+    def rescale_(self, model, targets, catalysts, factors):
+        # d enters the forward pass: dbar moves with it so that the coefficient d - dbar (the function) stays
+        with torch.no_grad():
+            for w, f in zip(bypass.ordered_wrappers(model, targets), torch.split(factors, [d.shape[0] for d in catalysts])):
+                f = f.to(device=w.d.device, dtype=w.d.dtype)
+                w.dbar.add_(w.d * (f - 1))
+                w.d.mul_(f)
 
     # --- opt2 (see bypass.py for the choices)
     @staticmethod

@@ -4,31 +4,40 @@ Every method trains the same target set (the groups of :mod:`.targets`) during t
 ("opt1"), turns it into one *decision statistic* per channel, in decades, where larger means "prune", and
 owns its decision rule and its stop rule:
 
-=============== ============================================ ==================================== ==========
-method          training (objective / step)                  statistic ``s``                      decision
-=============== ============================================ ==================================== ==========
-``catalyst``    ``L + gamma R(W, d)``, ``d`` trained          ``log10 c = log10 |d| / n``         ``s > kappa``
-``group_lasso`` ``L + gamma sum_i n_i`` (``d = 1``, frozen)   ``-log10 n``                         see below
-``slimming``    ``L + gamma sum_i |bn.gamma_i|`` (BN mode)    ``-log10 |bn.gamma|``                see below
-``lats``        elementwise soft threshold (proximal L1)     ``-log10 n``                         see below
-``lats_group``  group soft threshold (proximal Group Lasso)  ``-log10 n``                         see below
-=============== ============================================ ==================================== ==========
+================ ============================================ ==================================== ==========
+method           training (objective / step)                  statistic ``s``                      decision
+================ ============================================ ==================================== ==========
+``catalyst``     ``L + gamma R(W, d)``, ``d`` trained          ``log10 u``, ``u = c sqrt(k)``       see below
+``group_lasso``  ``L + gamma sum_i n_i`` (``d = 1``, frozen)   ``-log10 n``                         see below
+``slimming``     ``L + gamma sum_i |bn.gamma_i|`` (BN mode)    ``-log10 |bn.gamma|``                see below
+``lats_channel`` elementwise soft threshold (proximal L1)     ``-log10 n``                         see below
+``lats_group``   group soft threshold (proximal Group Lasso)  ``-log10 n``                         see below
+``random``       plain training (no sparsity term)            a fixed random score                 see below
+================ ============================================ ==================================== ==========
 
 * Group Lasso and network slimming are the Catalyst penalty with constant catalysts (catalyst-method.md
   section 2), so they run through the same fused ``penalty_`` call; only the catalyst gradient is dropped.
   Network slimming always uses BN-scale groups without the shift (its definition, Liu et al. 2017).
 * LATS (section 7) is proximal SGD with a constant ``lam = gamma``: after every optimizer step the weights
   are soft-thresholded by ``gamma * lr``, so the cumulative threshold is ``t_k = gamma * sum_{s<k} lr_s``
-  (the LATS schedule; reported as ``final_threshold``). ``lats`` thresholds every element of the tensors
-  that hold the groups (unstructured, its original form; a channel becomes removable when its whole group
-  is zero); ``lats_group`` scales each group by ``max(0, 1 - gamma lr / n_i)``, the proximal step of Group
+  (the LATS schedule; reported as ``final_threshold``). ``lats_channel`` thresholds every element of the
+  tensors that hold the groups (one fused ``cf.soft_threshold_`` call; a channel becomes removable when its
+  whole group is zero); ``lats_group`` scales each group by ``max(0, 1 - gamma lr / n_i)``, the proximal step of Group
   Lasso, with the norms from the fused kernel.
-* Catalyst decides by itself: a channel is *decided* when ``|log10 c| > kappa`` and pruned when decided with
-  ``c > 1``; its stop rule is "every channel decided". The baselines have no notion of "undecided" and no
+* Catalyst decides by itself. Its statistic is the corrected ratio ``u = c sqrt(k)`` (:mod:`.dynamics`:
+  ``u = 1`` is every group's threshold whatever its overlap with other groups). A channel is *decided* when
+  ``|log10 u|`` passes ``kappa``; from then on its catalyst is frozen and it keeps its side (:mod:`.control`);
+  decided channels with ``u > 1`` are pruned, undecided ones kept. Its stop rule is "every channel decided"
+  (and the just-decided ones have had time to shrink). A target speed-up is reached by feedback on the
+  undecided catalysts during opt1, not by ranking. The baselines have no notion of "undecided" and no
   stop rule (the epoch budget ends them): with a target speed-up, channels are removed in decreasing order
   of ``s`` (a global ranking, as network slimming does) until the FLOPs ratio reaches the target; without
-  one, channels with ``n_i <= norm_threshold`` are removed.
+  one, channels with ``n_i <= norm_threshold`` are removed. ``random`` is the control: the same epochs of
+  plain training, then a random order.
 * A layer never loses all its channels (the channel with the smallest ``s`` stays: ``forced_keep``).
+* Width rounding (:func:`round_widths`, the pruner's ``round_to``): kept widths are rounded **up** to a
+  multiple of ``round_to`` by keeping, among the channels a rule would remove, those with the smallest ``s``
+  (the least pruned); widths such as 13 are slow for CPU kernels that work in blocks of 8 or 16 channels.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import functional as F_cf
+from .. import sparsity as F_cf_sparsity
 
 __all__ = [
     "METHODS",
@@ -48,6 +58,7 @@ __all__ = [
     "PruningMethod",
     "get_method",
     "rank_decisions",
+    "round_widths",
     "threshold_decisions",
     "top_k_decisions",
     "decision_flips",
@@ -77,6 +88,7 @@ class Decision:
     prune: torch.Tensor
     undecided: torch.Tensor
     forced_keep: bool = False
+    rounded: int = 0  # channels kept only to round the kept width up to a multiple (round_widths)
 
     @property
     def keep(self) -> torch.Tensor:
@@ -86,6 +98,31 @@ class Decision:
     @property
     def channels(self) -> int:
         return int(self.prune.numel())
+
+
+def round_widths(decisions: Sequence[Decision], multiple: int) -> list[Decision]:
+    """``decisions`` with every kept width rounded up to a multiple of ``multiple`` (at most the target's
+    channel count): among the channels to prune, the ones with the smallest statistic (least pruned) are
+    kept instead; ``Decision.rounded`` counts them. ``multiple`` 1 changes nothing.
+
+    Raises:
+        ValueError: for a ``multiple`` that is not a positive integer.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"round_to must be a positive integer (1 = no rounding), got {multiple!r}")
+    out = []
+    for d in decisions:
+        kept = d.channels - int(d.prune.sum())
+        want = min(d.channels, -(-kept // multiple) * multiple)
+        if want == kept:
+            out.append(d)
+            continue
+        candidates = d.prune.nonzero().flatten()
+        extra = candidates[torch.argsort(d.statistic[candidates], stable=True)[: want - kept]]
+        prune = d.prune.clone()
+        prune[extra] = False
+        out.append(Decision(d.target, d.statistic, prune, d.undecided, d.forced_keep, d.rounded + want - kept))
+    return out
 
 
 @dataclass
@@ -177,6 +214,17 @@ class PruningMethod:
 
         return DecisionRule(f"remove iff the group norm n_i <= norm_threshold={ctx.norm_threshold}", by_threshold, by_threshold)
 
+    def bind(self, pruner) -> None:
+        """Called by the :class:`~.pruner.Pruner` that owns this method (Catalyst reads its step, settings and
+        optimizer through it)."""
+
+    def narrow_(self, keep: Sequence[Optional[torch.Tensor]]) -> None:
+        """After a removal: per segment the kept indices (None: all kept), for per-channel method state."""
+
+    def all_decided(self, pruner) -> bool:
+        """The stop rule (methods without one: never)."""
+        return self.has_stop_rule and pruner.undecided() == 0
+
     def state_dict(self) -> dict:
         return {}
 
@@ -193,45 +241,120 @@ def _no_undecided(scores, masks) -> list:
 
 
 class Catalyst(PruningMethod):
+    """Catalyst with threshold-corrected catalysts (:mod:`.dynamics`) and the per-step control of
+    :mod:`.control` (threshold tracking, freezing of decided channels, target feedback, end of the budget).
+
+    Its statistic is ``log10 u``, ``u_i = c_i sqrt(k_i)`` the corrected ratio (``u = 1`` is every group's
+    threshold); a channel is decided when ``|log10 u|`` passes ``kappa`` and keeps its side from then on.
+    Bound to a :class:`~.pruner.Pruner` (``bind``) it runs the control every step; unbound (the method alone)
+    it is the plain penalty with the stateless rule ``|log10 u| > kappa and u > 1``."""
+
     name = "catalyst"
-    statistic = "log10 c"
+    statistic = "log10 u"
     trains_catalysts = True
     uses_catalysts = True
     has_stop_rule = True
     reaches_target_by_ranking = False
 
+    def __init__(self):
+        self.control = None  # CatalystControl once the catalysts exist
+        self.initial = None  # CorrectedStats at the start (k per group)
+        self._pruner = None
+
+    def bind(self, pruner) -> None:
+        self._pruner = pruner
+
     def init_catalysts(self, ts, c0: float) -> list[torch.Tensor]:
-        return F_cf.init_catalysts(ts.weights, c0=c0, layout=ts.layout)
+        from .control import CatalystControl
+        from .dynamics import threshold_corrected_catalysts
+
+        backend = getattr(self._pruner, "backend", "auto")
+        catalysts, self.initial = threshold_corrected_catalysts(ts.weights, ts.layout, c0, backend=backend)
+        self.control = CatalystControl(_segment_sizes(ts))
+        st = self.initial
+        self.control.tau_prev = torch.where((st.ratios > 0) & torch.isfinite(st.ratios), st.u / st.ratios,
+                                            torch.ones_like(st.u))
+        return catalysts
+
+    def _controlled(self, ts) -> bool:
+        return self.control is not None and self.control.sizes == _segment_sizes(ts)
 
     def regularize(self, ts, catalysts, scale: float):
-        return F_cf.penalty_(ts.weights, catalysts, scale=scale, layout=ts.layout)
+        stats = F_cf.penalty_(ts.weights, catalysts, scale=scale, layout=ts.layout)
+        if self._controlled(ts):
+            self.control.drop_frozen_grads_(catalysts)
+        return stats
+
+    def after_step(self, ts, gamma: float, lr: Optional[float]) -> None:
+        p = self._pruner
+        if p is not None and self._controlled(ts):
+            self.control.after_step(ts, p.catalysts, kappa=p.kappa, step=p.steps + 1, rescale_=p.rescale_catalysts_,
+                                    flops=p.flops_model() if p.target_speedup is not None else None,
+                                    target=p.target_speedup, force_step=p.force_step, backend=p.backend)
 
     def scores(self, ts, catalysts, weights=None) -> list[torch.Tensor]:
-        with torch.no_grad():
-            stats = F_cf.penalty(ts.weights if weights is None else weights, catalysts, layout=ts.layout,
-                                 return_stats=True)
-        return list(torch.split(_log10(stats.ratios), _segment_sizes(ts)))
+        from .dynamics import Coverage
+
+        if weights is None and self._controlled(ts):
+            cov = self.control.coverage(ts, getattr(self._pruner, "backend", "auto"))
+        else:
+            cov = Coverage(ts.weights if weights is None else weights, ts.layout)
+        return list(torch.split(_log10(cov(catalysts).u), _segment_sizes(ts)))
+
+    def _state_masks(self, scores):
+        if self.control is None or self.control.sizes != [len(s) for s in scores]:
+            return None
+        from .control import PRUNED, UNDECIDED
+
+        return (self.control.split(self.control.state == PRUNED), self.control.split(self.control.state == UNDECIDED))
 
     def undecided(self, scores, kappa: float) -> list[torch.Tensor]:
-        return [s.abs() <= kappa for s in scores]
+        masks = self._state_masks(scores)
+        return [s.abs() <= kappa for s in scores] if masks is None else masks[1]
+
+    def all_decided(self, pruner) -> bool:
+        if self.control is None:
+            return pruner.undecided() == 0
+        return self.control.stop_ready(pruner.steps, pruner.settle_steps())
 
     def rule(self, ctx: RuleContext) -> DecisionRule:
         kappa = ctx.kappa
 
-        def decide(scores):
-            out = []
-            for s in scores:
-                undecided = s.abs() <= kappa
-                prune = (~undecided) & (s > 0)
-                forced = False
-                if bool(prune.all()):
-                    prune = prune.clone()
-                    prune[int(torch.argmin(s))] = False
-                    forced = True
-                out.append((prune, undecided, forced))
-            return out
+        def finish(prune, undecided, s):
+            forced = False
+            if bool(prune.all()):
+                prune = prune.clone()
+                prune[int(torch.argmin(s))] = False
+                forced = True
+            return prune, undecided, forced
 
-        return DecisionRule(f"remove iff |log10 c| > kappa={kappa} and c > 1; undecided channels are kept", decide, decide)
+        def decide(scores):
+            masks = self._state_masks(scores)
+            if masks is None:  # no state (the method alone): the stateless rule
+                return [finish((s.abs() > kappa) & (s > 0), s.abs() <= kappa, s) for s in scores]
+            return [finish(p.clone(), u.clone(), s) for p, u, s in zip(*masks, scores)]
+
+        def redecide(scores):  # the side of every decided channel, from (perturbed) statistics
+            masks = self._state_masks(scores)
+            undecided = [s.abs() <= kappa for s in scores] if masks is None else masks[1]
+            return [finish((s > 0) & ~u, u, s) for s, u in zip(scores, undecided)]
+
+        return DecisionRule(f"remove the channels decided on the prune side (log10 u passed +kappa={kappa}; decided "
+                            "channels keep their side); undecided channels are kept", decide, redecide)
+
+    def narrow_(self, keep: Sequence[Optional[torch.Tensor]]) -> None:
+        if self.control is not None:
+            self.control.narrow_(keep)
+
+    def state_dict(self) -> dict:
+        return {} if self.control is None else {"control": self.control.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.control is not None and state.get("control") is not None:
+            self.control.load_state_dict(state["control"])
+
+    def summary(self) -> dict:
+        return {} if self.control is None else {"decisions": self.control.summary()}
 
 
 class GroupLasso(PruningMethod):
@@ -285,14 +408,15 @@ class _SoftThreshold(PruningMethod):
         return {"final_threshold": self.threshold}
 
 
-class LATS(_SoftThreshold):
-    """Elementwise soft threshold with the LATS schedule (proximal L1, ``lam = gamma`` constant)."""
+class LATSChannel(_SoftThreshold):
+    """Elementwise soft threshold with the LATS schedule (proximal L1, ``lam = gamma`` constant), channels then
+    ranked by group norm: a structured baseline. (Published, unstructured LATS is ``method="lats"``:
+    :mod:`.unstructured`.)"""
 
-    name = "lats"
+    name = "lats_channel"
 
     def _threshold_(self, ts, tau: float) -> None:
-        for w in ts.weights:
-            w.copy_(torch.sign(w) * (w.abs() - tau).clamp_min(0))
+        F_cf_sparsity.soft_threshold_(ts.weights, tau)  # in place, every tensor in one call
 
 
 class LATSGroup(_SoftThreshold):
@@ -304,6 +428,41 @@ class LATSGroup(_SoftThreshold):
         norms = self.norms(ts)
         factors = (1 - tau / norms.clamp_min(_TINY)).clamp_min(0)
         scale_groups_(ts.weights, ts.layout, factors)
+
+
+class RandomPruning(PruningMethod):
+    """The control baseline: no sparsity term (opt1 is plain training), channels removed in a random order
+    (one fixed random score per channel from its own generator, seeded by ``seed``, default: the seed torch's
+    global generator was given, so a run's seed picks the order and no global random state is drawn) until the
+    target FLOPs ratio is reached."""
+
+    name = "random"
+    statistic = "random score"
+
+    def __init__(self, seed: Optional[int] = None):
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self._scores: Optional[list] = None
+
+    def init_catalysts(self, ts, c0: float) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        self._scores = [torch.rand(n, generator=gen, dtype=torch.float64) for n in _segment_sizes(ts)]
+        return []
+
+    def scores(self, ts, catalysts, weights=None) -> list[torch.Tensor]:
+        if self._scores is None or [len(s) for s in self._scores] != _segment_sizes(ts):
+            raise ValueError("method random: the scores are not initialised for these targets")
+        return [s.clone() for s in self._scores]
+
+    def narrow_(self, keep: Sequence[Optional[torch.Tensor]]) -> None:
+        if self._scores is not None:
+            self._scores = [s if idx is None else s[idx.cpu()] for s, idx in zip(self._scores, keep)]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "scores": None if self._scores is None else [s.clone() for s in self._scores]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scores") is not None:
+            self._scores = [s.clone() for s in state["scores"]]
 
 
 def scale_groups_(weights: Sequence[torch.Tensor], layout, factors: torch.Tensor) -> None:
@@ -327,12 +486,13 @@ def scale_groups_(weights: Sequence[torch.Tensor], layout, factors: torch.Tensor
         w.narrow(dim, start, count).mul_(f.view(shape))
 
 
-METHODS: dict[str, type] = {m.name: m for m in (Catalyst, GroupLasso, NetworkSlimming, LATS, LATSGroup)}
+METHODS: dict[str, type] = {m.name: m for m in (Catalyst, GroupLasso, NetworkSlimming, LATSChannel, LATSGroup, RandomPruning)}
 
 
 def get_method(name: str) -> PruningMethod:
     if name not in METHODS:
-        raise ValueError(f"--method: unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"--method: unknown method {name!r}; choose one of: {', '.join(METHODS)} (channels), "
+                         "lats, magnitude (unstructured, with --sparsity)")
     return METHODS[name]()
 
 

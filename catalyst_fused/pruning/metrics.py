@@ -16,7 +16,8 @@ def count_flops(model: nn.Module, example_inputs) -> dict:
     """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` per sample, counted with forward hooks
     on one forward pass of ``example_inputs`` (one sample's shape such as ``(C, H, W)``, or example inputs
     as :func:`~catalyst_fused.pruning.targets.find_targets` takes them; the hooks read the first sample):
-    conv ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``, linear ``in * out``. Returns
+    conv ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``, linear ``in * out`` per position,
+    ``nn.MultiheadAttention`` its input and output projections per query position. Returns
     ``{"macs": ..., "flops": 2 * macs}`` (BN, activations, pooling and biases are not counted)."""
     total = [0]
 
@@ -26,12 +27,19 @@ def count_flops(model: nn.Module, example_inputs) -> dict:
     def linear_hook(m, inp, out):
         total[0] += m.in_features * m.out_features * (out[0].numel() // m.out_features)
 
+    def attention_hook(m, inp, out):  # nn.MultiheadAttention's projections (its out_proj is not called as a module)
+        q = inp[0]
+        length = q.shape[0] if q.dim() == 2 or not m.batch_first else q.shape[1]
+        total[0] += length * (m.in_proj_weight.numel() + m.out_proj.weight.numel()) if m.in_proj_weight is not None else 0
+
     handles = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook))
     example = example_batch(model, example_inputs)
     modes = {m: m.training for m in model.modules()}
     model.eval()

@@ -1,8 +1,8 @@
 """The pruner: Catalyst (and the baselines it is compared with) on any model, in any training loop.
 
     import catalyst_fused as cf
-    pruner = cf.Pruner(model, example_inputs, mode="group", c0=1.0, gamma=0.03, kappa=2.0,
-                       ignored_layers=[model.fc])
+    pruner = cf.Pruner(model, example_inputs, mode="group", gamma="auto", budget_steps=epochs * len(loader),
+                       target_speedup=2.0, ignored_layers=[model.fc])
     optimizer = torch.optim.SGD(pruner.param_groups(lr=0.05, momentum=0.9, weight_decay=5e-4))
     pruner.attach_optimizer(optimizer)      # prune() then narrows its momentum buffers too
     for x, y in loader:
@@ -20,7 +20,10 @@ What the pruner does for the user (each step a user would otherwise take from pr
 * **Targets**: the coupled channel groups of the model (Torch-Pruning's ``DependencyGraph``, traced once
   with ``example_inputs``; :mod:`.targets`), less ``ignored_layers`` and what the mode or formulation cannot
   carry (``pruner.excluded`` says why), expressed as one :class:`~catalyst_fused.GroupLayout`.
-* **Catalysts**: ``d_i = c0 * n_i`` (every channel starts at ratio ``c0``), owned by the pruner. Their
+* **Catalysts**: threshold-corrected, ``d_i = c0 * n_i / sqrt(k_i)`` (:mod:`.dynamics`): every channel starts at
+  corrected ratio ``u_i = c_i sqrt(k_i) = c0``, and ``u = 1`` is the unstable point of every group in every mode
+  (in group mode a conv's rows and columns sit in two groups, so ``k`` is 1.6-1.8 and the raw threshold
+  ``c* = 1 / sqrt(k)`` about 0.75). Owned by the pruner. Their
   optimizer settings are the pruner's job: :meth:`param_groups` / :meth:`attach_optimizer` put them in their
   own group **without weight decay** (it would pull every ``c`` towards "keep") and with the weights'
   momentum (momentum on the weights only would move the bifurcation threshold; see workflow.py).
@@ -28,9 +31,14 @@ What the pruner does for the user (each step a user would otherwise take from pr
   one fused call (``cf.penalty_``), after ``backward()`` and before ``optimizer.step()``. With AMP's
   ``GradScaler`` pass it to the pruner (``grad_scaler=``): the gradients are still scaled at that point, so
   the call is scaled too and unscaling leaves exactly ``gamma * dR/dW``.
-* **Decisions**: the method's rule (:mod:`.methods`): Catalyst prunes decided channels (``|log10 c| >
-  kappa``) with ``c > 1`` and keeps undecided ones; its stop rule is :meth:`all_decided`. Baselines rank
-  channels to a ``target_speedup`` or cut at ``norm_threshold`` and have no stop rule.
+* **Decisions**: the method's rule (:mod:`.methods`). Catalyst (:mod:`.control`, every :meth:`regularize`):
+  a channel whose ``|log10 u|`` passes ``kappa`` is decided and its catalyst frozen, so it keeps its side;
+  decided channels with ``u > 1`` are pruned, undecided ones kept; the threshold is tracked as the weights
+  change; with ``target_speedup`` the undecided catalysts are moved together so that the predicted FLOPs
+  ratio is the target; with ``budget_steps`` the channels still undecided at 80% of it are decided by their
+  side. Its stop rule is :meth:`all_decided`. ``gamma="auto"`` (with ``budget_steps``) picks gamma from the
+  step budget when the optimizer is attached; :meth:`predictions` says when channels will decide. Baselines
+  rank channels to a ``target_speedup`` or cut at ``norm_threshold`` and have no stop rule.
 * **Removal**: :meth:`prune` narrows the model **in place**: modules keep their identity (``model.fc``,
   hooks), the pruned layers get new, narrower ``nn.Parameter`` objects (a leaf cannot change its shape
   safely while an old autograd graph refers to it), the catalysts are narrowed, every attached optimizer
@@ -51,11 +59,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .methods import Decision, PruningMethod, RuleContext, get_method
+from .control import FORCE_FRACTION, FlopsModel
+from .dynamics import AUTO_GAMMA_OFFSET, auto_gamma, effective_rate, reachable_log10, steps_to_decide
+from .methods import Decision, PruningMethod, RuleContext, get_method, round_widths
 from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
-from .surgery import ParameterSlices, keep_indices, narrow_tensor, prune_model, remap_targets, slice_optimizer_state_
+from .surgery import (ParameterSlices, constant_inputs, fold_constant_inputs_, keep_indices, narrow_tensor, prune_model,
+                      remap_targets, slice_optimizer_state_)
 from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, example_batch, find_targets
+from .unstructured import is_unstructured
 
 __all__ = ["Pruner", "CatalystPruner", "PruningStats", "TargetStats", "PruneSummary"]
 
@@ -99,13 +111,14 @@ class PruneSummary:
     channels_total: int
     channels_pruned: int
     undecided_total: int
-    per_target: dict  # name -> {"channels", "kept", "pruned", "undecided", "forced_keep"}
+    per_target: dict  # name -> {"channels", "kept", "pruned", "undecided", "forced_keep", "rounded"}
     keep: dict  # name -> kept channel indices (list of ints)
     decisions: list  # Decision per target (None when an explicit keep was given)
     macs_before: int
     macs_after: int
     params_before: int
     params_after: int
+    folded: dict = field(default_factory=dict)  # consumer -> bias change that kept removed constant channels
 
     @property
     def flops_ratio(self) -> float:
@@ -132,14 +145,17 @@ class Pruner:
         model: the network to prune (changed in place by :meth:`prune`, and by the bypass formulation).
         example_inputs: what ``model`` is called with for the one trace that finds the coupled groups: a
             batch tensor, a tuple or dict of tensors, or one sample's shape such as ``(3, 32, 32)``.
-        method: ``"catalyst"`` or a baseline (``"group_lasso"``, ``"slimming"``, ``"lats"``,
-            ``"lats_group"``); see :mod:`.methods`.
+        method: ``"catalyst"`` or a channel baseline (``"group_lasso"``, ``"slimming"``, ``"lats_channel"``,
+            ``"lats_group"``); see :mod:`.methods`. The unstructured methods ``"lats"`` and ``"magnitude"``
+            return a :class:`~.unstructured.SparsityPruner` instead (same loop; arguments ``sparsity``,
+            ``scope``, ``schedule``, ``total_steps``, ... in :mod:`.unstructured`).
         mode: which slices form a channel's group: ``"group"`` (every coupled slice), ``"bn"`` (BN scale and
             shift), ``"filter"`` (producer rows).
         formulation: ``"regularizer"`` or ``"bypass"`` (the extended model; Catalyst only).
-        gamma: strength of the sparsity term (settable between steps, e.g. for a schedule).
-        c0: initial ratio ``c_i = |d_i| / n_i`` of every channel.
-        kappa: a channel is decided when ``|log10 c_i| > kappa``.
+        gamma: strength of the sparsity term (settable between steps, e.g. for a schedule), or ``"auto"``
+            (Catalyst, needs ``budget_steps``): resolved by :meth:`resolve_gamma` when the optimizer is attached.
+        c0: initial corrected ratio ``u_i = c_i sqrt(k_i)`` of every channel (1: the threshold).
+        kappa: a channel is decided (and frozen) when ``|log10 u_i|`` passes ``kappa``.
         ignored_layers: modules (or names) whose output channels must stay.
         bn_beta: BN mode regularises the BN shift with the scale (see :mod:`.targets`).
         target_speedup: baselines: remove channels by rank until this FLOPs ratio.
@@ -150,11 +166,24 @@ class Pruner:
             :meth:`regularize` runs.
         backend: kernel backend of the fused calls (``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``).
         targets: skip the trace and use these targets (e.g. from an earlier :func:`find_targets`).
+        round_to: round every kept width up to a multiple of this (8 or 16 suit CPU kernels) by keeping the
+            least-pruned extra channels (:func:`~catalyst_fused.pruning.methods.round_widths`); 1 = exact.
+        budget_steps: optimizer steps of the sparsity stage (Catalyst: for ``gamma="auto"``, and to decide the
+            channels still undecided at 80% of it).
 
     Raises:
         ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
             formulation the model cannot carry.
     """
+
+    def __new__(cls, *args, method: str = "catalyst", **kwargs):
+        # Unstructured methods (LATS, magnitude) have no channels to decide: the same call returns their own
+        # pruner, with the same loop (pruning/unstructured.py).
+        if cls is Pruner and is_unstructured(method):
+            from .unstructured import SparsityPruner
+
+            return SparsityPruner(*args, method=method, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -164,9 +193,9 @@ class Pruner:
         method: str = "catalyst",
         mode: str = "group",
         formulation: str = "regularizer",
-        gamma: float = 0.03,
+        gamma=0.03,
         c0: float = 1.0,
-        kappa: float = 2.0,
+        kappa: float = 1.0,
         ignored_layers: Sequence = (),
         bn_beta: bool = True,
         target_speedup: Optional[float] = None,
@@ -175,6 +204,8 @@ class Pruner:
         grad_scaler=None,
         backend: str = "auto",
         targets: Optional[Sequence[Target]] = None,
+        round_to: int = 1,
+        budget_steps: Optional[int] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner: model must be an nn.Module, got {type(model).__name__}")
@@ -189,7 +220,20 @@ class Pruner:
                              "regularizer formulation only")
         self.mode = mode
         self.bn_beta = bool(bn_beta)
-        self.gamma = _check_number("gamma", gamma)
+        self.gamma_auto = isinstance(gamma, str)
+        if self.gamma_auto and gamma != "auto":
+            raise ValueError(f"Pruner: gamma must be a number or 'auto', got {gamma!r}")
+        if self.gamma_auto and self.method.name != "catalyst":
+            raise ValueError(f"Pruner: gamma='auto' comes from Catalyst's decision dynamics; method {method!r} needs a "
+                             "number")
+        self.gamma: Optional[float] = None if self.gamma_auto else _check_number("gamma", gamma)
+        if budget_steps is not None and (isinstance(budget_steps, bool) or not isinstance(budget_steps, int)
+                                         or budget_steps < 1):
+            raise ValueError(f"Pruner: budget_steps must be a positive integer (optimizer steps of the sparsity stage), "
+                             f"got {budget_steps!r}")
+        if self.gamma_auto and budget_steps is None:
+            raise ValueError("Pruner: gamma='auto' needs budget_steps (optimizer steps of the sparsity stage)")
+        self.budget_steps = budget_steps
         self.c0 = _check_number("c0", c0, positive=True)
         self.kappa = _check_number("kappa", kappa, positive=True)
         self.target_speedup = None if target_speedup is None else _check_number("target_speedup", target_speedup, positive=True)
@@ -199,9 +243,13 @@ class Pruner:
         self.catalyst_lr = None if catalyst_lr is None else _check_number("catalyst_lr", catalyst_lr, positive=True)
         self.grad_scaler = grad_scaler
         self.backend = backend
+        round_widths([], round_to)  # validates round_to
+        self.round_to = round_to
         self.steps = 0
         self.history: list[dict] = []  # one entry per prune(): the targets before it and the kept indices
         self._optimizers: list = []
+        self._flops: Optional[FlopsModel] = None
+        self.method.bind(self)
 
         self.targets, self.excluded = self.plan(model, self.example_inputs, method=method, mode=mode, formulation=formulation,
                                                 ignored_layers=ignored_layers, bn_beta=self.bn_beta, targets=targets)
@@ -230,6 +278,7 @@ class Pruner:
         return list(supported), excluded + ts.excluded + unsupported
 
     def _build_target_set(self) -> None:
+        self._flops = None
         eff_mode, eff_beta = self.method.effective_mode(self.mode, self.bn_beta)
         self._inner = self.formulation.inner(self.model, self.targets)
         self._ts: TargetSet = build_target_set(self.model, eff_mode, bn_beta=eff_beta, targets=self._inner)
@@ -283,7 +332,124 @@ class Pruner:
                              "every c towards 'keep'; build the optimizer from pruner.param_groups(...)")
         if all(o is not optimizer for o in self._optimizers):
             self._optimizers.append(optimizer)
+        if self.gamma_auto and self.gamma is None:
+            self.resolve_gamma()
         return optimizer
+
+    # ------------------------------------------------------------------- the dynamics (catalyst-method.md 9)
+    def _weights_group(self) -> Optional[dict]:
+        if not self._optimizers:
+            return None
+        ids = {id(p) for p in self._trained_catalysts()}
+        groups = self._optimizers[0].param_groups
+        return next((g for g in groups if not any(id(p) in ids for p in g["params"])), groups[0])
+
+    def resolve_gamma(self, lr: Optional[float] = None, momentum: Optional[float] = None) -> float:
+        """``gamma="auto"``: the gamma whose no-loss flow decides a channel ``AUTO_GAMMA_OFFSET`` off the
+        threshold within half of ``budget_steps`` (:func:`~.dynamics.auto_gamma`), for the weights' learning
+        rate and momentum (given, or read from the attached optimizer). Sets and returns ``self.gamma``."""
+        group = self._weights_group()
+        if lr is None or momentum is None:
+            if group is None:
+                raise ValueError("Pruner: gamma='auto' needs the learning rate and momentum: attach the optimizer "
+                                 "(attach_optimizer) or call resolve_gamma(lr, momentum)")
+            lr = group["lr"] if lr is None else lr
+            momentum = group.get("momentum", 0.0) if momentum is None else momentum
+        if self.budget_steps is None:
+            raise ValueError("Pruner.resolve_gamma: needs budget_steps")
+        k = self._k_stats()["mean"]
+        self.gamma = auto_gamma(self.budget_steps, _check_number("lr", lr, positive=True), float(momentum), k, self.kappa)
+        return self.gamma
+
+    def _k_stats(self) -> dict:
+        initial = getattr(self.method, "initial", None)
+        if initial is None or initial.k.numel() == 0:
+            return {"min": 1.0, "mean": 1.0, "max": 1.0}
+        k = initial.k.double().cpu()
+        return {"min": float(k.min()), "mean": float(k.mean()), "max": float(k.max())}
+
+    def _settings(self, lr=None, momentum=None, weight_decay=None) -> Optional[tuple]:
+        """(lr, momentum, weight decay) as given, else the attached optimizer's weights' group (None if neither)."""
+        group = self._weights_group()
+        if group is None and lr is None:
+            return None
+        group = group or {}
+        return (float(group["lr"] if lr is None else lr), float(group.get("momentum", 0.0) if momentum is None else momentum),
+                float(group.get("weight_decay", 0.0) if weight_decay is None else weight_decay))
+
+    def rate(self, lr: Optional[float] = None, momentum: Optional[float] = None) -> Optional[float]:
+        """``lam = lr gamma / (1 - momentum)`` for the given settings or the attached optimizer's weights' group
+        (None when neither is known or gamma is not resolved)."""
+        settings = self._settings(lr, momentum)
+        if settings is None or self.gamma is None:
+            return None
+        return effective_rate(settings[0], self.gamma, settings[1])
+
+    def momentum(self) -> float:
+        """The momentum of the attached optimizer's weights' group (0 before one is attached)."""
+        settings = self._settings()
+        return 0.0 if settings is None else settings[1]
+
+    @property
+    def force_step(self) -> Optional[int]:
+        """The step at which channels still undecided are decided by their side (None without a budget)."""
+        return None if self.budget_steps is None else int(FORCE_FRACTION * self.budget_steps)
+
+    def settle_steps(self, lam: Optional[float] = None) -> int:
+        """Steps the flow needs to shrink a just-decided prune-side group to 0, ``1 / (lam sqrt(k) 10^kappa)``,
+        plus the momentum build-up: the stop rule waits this long after the last decision."""
+        lam = self.rate() if lam is None else lam
+        if not lam:
+            return 0
+        return int(math.ceil(1.0 / (lam * math.sqrt(self._k_stats()["min"]) * 10.0 ** self.kappa))) + 10
+
+    def flops_model(self) -> FlopsModel:
+        """The FLOPs of the model as a function of prune masks (built once per set of targets)."""
+        if self._flops is None:
+            self._flops = FlopsModel(self.model, self._inner, self.example_inputs)
+        return self._flops
+
+    def rescale_catalysts_(self, factors: torch.Tensor) -> None:
+        """Multiplies every catalyst by its entry of ``factors`` (flat over the targets' channels), through the
+        formulation (the bypass keeps its function)."""
+        self.formulation.rescale_(self.model, self.targets, self.catalysts, factors)
+
+    def predictions(self, lr: Optional[float] = None, momentum: Optional[float] = None,
+                    weight_decay: Optional[float] = None) -> dict:
+        """What the no-loss flow predicts for this pruner's settings (catalyst-method.md section 9): ``k`` per
+        group, the rate ``lam``, when a channel ``AUTO_GAMMA_OFFSET`` off the threshold (and one at ``c0``)
+        decides, the step at which the end of the budget decides the rest, how far the prune side can reach,
+        and warnings when the budget or ``kappa`` does not fit. The optimizer settings are the given ones, else
+        the attached optimizer's."""
+        k = self._k_stats()
+        settings = self._settings(lr, momentum, weight_decay)
+        lam = None if settings is None else self.rate(*settings[:2])
+        out = {"k": k, "threshold_c_star": {"min": 1 / math.sqrt(k["max"]), "max": 1 / math.sqrt(k["min"])},
+               "gamma": self.gamma, "gamma_auto": self.gamma_auto, "rate_lam": lam, "kappa": self.kappa,
+               "budget_steps": self.budget_steps, "force_step": self.force_step, "warnings": []}
+        if lam is None or self.method.name != "catalyst":
+            return out
+        offset = float(steps_to_decide(1 + AUTO_GAMMA_OFFSET, k["mean"], lam, self.kappa))
+        out["steps_to_decide_offset"] = {"offset": AUTO_GAMMA_OFFSET, "steps": offset}
+        if self.c0 != 1:
+            out["steps_to_decide_c0"] = float(steps_to_decide(self.c0, k["mean"], lam, self.kappa))
+        out["settle_steps"] = self.settle_steps(lam)
+        out["reachable_log10_c"] = reachable_log10(lam, k["max"])
+        rho = settings[2] / self.gamma if self.gamma else math.inf
+        out["weight_decay_over_gamma"] = rho
+        if self.kappa > out["reachable_log10_c"] - 0.5:
+            out["warnings"].append(f"kappa {self.kappa} is within half a decade of the largest ratio the prune side can "
+                                   f"reach at this rate (log10 1/(lam k) = {out['reachable_log10_c']:.2f}): decisions on "
+                                   "the prune side may never come; lower kappa or gamma")
+        if self.budget_steps is not None and offset > self.budget_steps:
+            out["warnings"].append(f"the budget ({self.budget_steps} steps) is shorter than the predicted decision time of "
+                                   f"a channel {AUTO_GAMMA_OFFSET:.0%} off the threshold ({offset:.0f} steps): most "
+                                   "channels will be decided by the end of the budget, not by the data; raise gamma, the "
+                                   "learning rate or the budget (or use gamma='auto')")
+        if rho > 0.05:
+            out["warnings"].append(f"weight decay / gamma = {rho:.2g}: weight decay moves the threshold towards 'keep' by "
+                                   f"about {rho / 2:.1%} (not corrected)")
+        return out
 
     # ------------------------------------------------------------------------------------ the training step
     def regularize(self, scale: Optional[float] = None):
@@ -291,6 +457,9 @@ class Pruner:
         ``dR/dd``) into every ``.grad`` in one fused call, after ``backward()`` and before
         ``optimizer.step()``. Returns the call's :class:`~catalyst_fused.PenaltyStats` (norms and ratios of
         the weights before the step), or None for methods without a penalty (LATS)."""
+        if scale is None and self.gamma is None:
+            raise ValueError("Pruner.regularize: gamma='auto' is not resolved yet: attach the optimizer "
+                             "(attach_optimizer) or call resolve_gamma(lr, momentum)")
         s = self.gamma if scale is None else scale
         scaler = self.grad_scaler
         if scaler is not None and scaler.is_enabled():
@@ -326,21 +495,23 @@ class Pruner:
                           self.method.reaches_target_by_ranking else None)
         return self.method.rule(ctx)
 
-    def decisions(self, scores: Optional[Sequence[torch.Tensor]] = None) -> list[Decision]:
-        """The method's decision for every target (for the current weights unless ``scores`` are given)."""
+    def decisions(self, scores: Optional[Sequence[torch.Tensor]] = None, *, round_to: Optional[int] = None) -> list[Decision]:
+        """The method's decision for every target (for the current weights unless ``scores`` are given), kept
+        widths rounded up to a multiple of ``round_to`` (default: the pruner's; 1 = the rule's own decision)."""
         scores = self.scores() if scores is None else scores
-        return [Decision(t.name, s, prune, undecided, forced)
-                for t, s, (prune, undecided, forced) in zip(self.targets, scores, self.rule().decide(scores))]
+        decisions = [Decision(t.name, s, prune, undecided, forced)
+                     for t, s, (prune, undecided, forced) in zip(self.targets, scores, self.rule().decide(scores))]
+        return round_widths(decisions, self.round_to if round_to is None else round_to)
 
     def undecided(self, scores: Optional[Sequence[torch.Tensor]] = None) -> int:
         scores = self.scores() if scores is None else scores
         return int(sum(int(m.sum()) for m in self.method.undecided(scores, self.kappa)))
 
     def all_decided(self) -> bool:
-        """The method's stop rule: True when every channel is decided (Catalyst: ``|log10 c| > kappa``). Costs
-        one fused read of the regularised weights. Always False for methods without a stop rule (their
+        """The method's stop rule: True when every channel is decided (Catalyst: every channel decided, and the
+        last decision at least :meth:`settle_steps` ago). Always False for methods without a stop rule (their
         budget ends them)."""
-        return self.method.has_stop_rule and self.undecided() == 0
+        return self.method.all_decided(self)
 
     def stats(self) -> PruningStats:
         """The decision statistic per target, decided fractions and the margin (for logs and reports)."""
@@ -349,7 +520,7 @@ class Pruner:
         # the margin needs the decisions; a ranking to a FLOPs target counts FLOPs of trial removals, too
         # costly for a per-epoch figure, so it is left out there
         ranked = self.target_speedup is not None and self.method.reaches_target_by_ranking
-        decisions = None if ranked else self.decisions(scores)
+        decisions = None if ranked else self.decisions(scores, round_to=1)
         per, total, decided, above = [], 0, 0, 0
         for t, s, u in zip(self.targets, scores, undecided):
             n_dec = int(s.numel() - int(u.sum()))
@@ -377,9 +548,28 @@ class Pruner:
             raise ValueError(f"prune: keep names {unknown}, which are not targets; targets are: {sorted(names)}")
         return {name: keep_indices(k, names[name].channels, f"keep[{name!r}] (target {name})") for name, k in keep.items()}
 
-    def prune(self, keep: Optional[Mapping[str, object]] = None, *, optimizer: Optional[torch.optim.Optimizer] = None) -> PruneSummary:
-        """Removes channels physically, in place: by the method's decisions, or the given ``keep`` (per target
-        name, a bool mask over its channels or integer indices; targets not named keep everything).
+    @property
+    def folds_constants(self) -> bool:
+        """Whether removed channels can leave a constant behind: the regularised slices do not include the BN
+        shift (filter mode, BN mode with ``bn_beta=False``, network slimming), so a channel with BN scale 0
+        still outputs its shift. :meth:`prune` then folds that constant into the consumers' biases."""
+        eff_mode, eff_beta = self.method.effective_mode(self.mode, self.bn_beta)
+        return eff_mode == "filter" or (eff_mode == "bn" and not eff_beta)
+
+    def constant_folds(self, keep: Mapping[str, object]) -> dict:
+        """The constants the channels removed by ``keep`` feed their consumers (:func:`~.surgery.constant_inputs`;
+        empty when :attr:`folds_constants` is False)."""
+        if not self.folds_constants:
+            return {}
+        keep_idx = self._keep_from(keep)
+        return constant_inputs(self.model, self._inner, keep_idx, self.example_inputs)
+
+    def prune(self, keep: Optional[Mapping[str, object]] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
+              round_to: Optional[int] = None, folds: Optional[Mapping[str, tuple]] = None) -> PruneSummary:
+        """Removes channels physically, in place: by the method's decisions (kept widths rounded up to a
+        multiple of ``round_to``, default the pruner's), or the given ``keep`` (per target name, a bool mask
+        over its channels or integer indices; targets not named keep everything). ``folds``: the constants
+        of removed channels to fold into their consumers (default: :meth:`constant_folds`).
 
         The model's modules keep their identity; the pruned layers get new, narrower parameters (with their
         gradients); the catalysts are narrowed; ``optimizer`` and every attached optimizer get the new
@@ -391,7 +581,7 @@ class Pruner:
         """
         decisions = None
         if keep is None:
-            decisions = self.decisions()
+            decisions = self.decisions(round_to=round_to)
             keep_idx = {d.target: d.keep for d in decisions if bool(d.prune.any())}
         else:
             keep_idx = {k: v for k, v in self._keep_from(keep).items() if v.numel() < next(
@@ -399,6 +589,20 @@ class Pruner:
         distributed.check_agreement(keep_idx)  # under torch.distributed: every rank removes the same channels
         macs_before = count_flops(self.model, self.example_inputs)["macs"]
         params_before = count_params(self.model)
+        optimizers = list(self._optimizers)
+        if optimizer is not None and all(o is not optimizer for o in optimizers):
+            optimizers.append(optimizer)
+        if folds is None and keep_idx and self.folds_constants:
+            folds = constant_inputs(self.model, self._inner, keep_idx, self.example_inputs)
+        folded = fold_constant_inputs_(self.model, folds) if folds else {}
+        modules = dict(self.model.named_modules())
+        for name, info in folded.items():  # a created bias trains with its layer's weight
+            if info["created_bias"]:
+                m = modules[name]
+                for opt in optimizers:
+                    group = next((g for g in opt.param_groups if any(p is m.weight for p in g["params"])), None)
+                    if group is not None:
+                        group["params"].append(m.bias)
         before = dict(self.model.named_modules())
         targets_before = [asdict(t) for t in self.targets]
         record = ParameterSlices()
@@ -410,9 +614,7 @@ class Pruner:
         else:
             self.catalysts = [narrow_tensor(d, 0, keep_idx[t.name], record) if t.name in keep_idx else d
                               for t, d in zip(self.targets, self.catalysts)]
-        optimizers = list(self._optimizers)
-        if optimizer is not None and all(o is not optimizer for o in optimizers):
-            optimizers.append(optimizer)
+        self.method.narrow_([keep_idx.get(t["name"]) for t in targets_before])
         for opt in optimizers:
             slice_optimizer_state_(opt, record)
         if not optimizers and record.slices:
@@ -421,14 +623,16 @@ class Pruner:
                           "attach it (attach_optimizer) or build a new one.", stacklevel=2)
         self.targets = self.formulation.outer(new_inner)
         self._build_target_set()
-        self.history.append({"targets": targets_before, "keep": {k: v.tolist() for k, v in keep_idx.items()}})
+        self.history.append({"targets": targets_before, "keep": {k: v.tolist() for k, v in keep_idx.items()},
+                             "created_biases": sorted(n for n, info in folded.items() if info["created_bias"])})
         per_target = {}
         for k, t in enumerate(targets_before):
             d = None if decisions is None else decisions[k]
             kept = len(keep_idx[t["name"]]) if t["name"] in keep_idx else t["channels"]
             per_target[t["name"]] = {"channels": t["channels"], "kept": kept, "pruned": t["channels"] - kept,
                                      "undecided": 0 if d is None else int(d.undecided.sum()),
-                                     "forced_keep": False if d is None else d.forced_keep}
+                                     "forced_keep": False if d is None else d.forced_keep,
+                                     "rounded": 0 if d is None else d.rounded}
         return PruneSummary(
             channels_total=sum(t["channels"] for t in targets_before),
             channels_pruned=sum(v["pruned"] for v in per_target.values()),
@@ -438,7 +642,7 @@ class Pruner:
                   for t in targets_before},
             decisions=decisions,
             macs_before=macs_before, macs_after=count_flops(self.model, self.example_inputs)["macs"],
-            params_before=params_before, params_after=count_params(self.model),
+            params_before=params_before, params_after=count_params(self.model), folded=folded,
         )
 
     # ------------------------------------------------------------------------------------- checkpoints
@@ -449,7 +653,8 @@ class Pruner:
         return {
             "format": _STATE_FORMAT,
             "method": self.method.name, "mode": self.mode, "formulation": self.formulation.name,
-            "bn_beta": self.bn_beta, "gamma": self.gamma, "c0": self.c0, "kappa": self.kappa,
+            "bn_beta": self.bn_beta, "gamma": self.gamma, "gamma_auto": self.gamma_auto, "c0": self.c0,
+            "kappa": self.kappa, "budget_steps": self.budget_steps,
             "targets": [asdict(t) for t in self.targets],
             "catalysts": [d.detach().cpu().clone() for d in self.catalysts],
             "history": [dict(h) for h in self.history],
@@ -480,7 +685,12 @@ class Pruner:
                                  "was made on; build the pruner on the original model")
             with warnings.catch_warnings():  # a replay on a fresh model: no optimizer exists yet
                 warnings.simplefilter("ignore", UserWarning)
-                self.prune({k: torch.as_tensor(v, dtype=torch.long) for k, v in record["keep"].items()})
+                self.prune({k: torch.as_tensor(v, dtype=torch.long) for k, v in record["keep"].items()}, folds={})
+            modules = dict(self.model.named_modules())
+            for name in record.get("created_biases", []):  # their values come with the model's state
+                m = modules[name]
+                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
+            self.history[-1]["created_biases"] = list(record.get("created_biases", []))
         if [asdict(t) for t in self.targets] != state["targets"]:
             raise ValueError("Pruner.load_state_dict: the saved targets do not match this model's")
         if state["attached"] and not self.formulation.is_attached(self.model):
@@ -497,7 +707,8 @@ class Pruner:
                     raise ValueError(f"Pruner.load_state_dict: a catalyst of shape {tuple(saved.shape)} for one of "
                                      f"shape {tuple(d.shape)}")
                 d.copy_(saved)
-        self.gamma, self.c0, self.kappa = float(state["gamma"]), float(state["c0"]), float(state["kappa"])
+        self.gamma = None if state["gamma"] is None else float(state["gamma"])
+        self.c0, self.kappa = float(state["c0"]), float(state["kappa"])
         self.steps = int(state["steps"])
         self.method.load_state_dict(state.get("method_state", {}))
 

@@ -28,6 +28,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .attention import sync_heads_
+from .layers import axis_size, axis_tensors, describe, narrow_
 from .targets import ModuleSlice, Target
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
     "narrow_tensor",
     "slice_optimizer_state_",
     "remap_targets",
+    "constant_inputs",
+    "fold_constant_inputs_",
 ]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -89,13 +93,26 @@ def keep_indices(keep, channels: int, where: str) -> torch.Tensor:
     return idx
 
 
-def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, object]) -> dict:
-    """``(module name, dim) -> bool mask`` of the indices that stay, for every module dimension that loses
-    some (dim 0: producer rows and BN entries, dim 1: consumer input columns).
+def _kept(t: Target, keep_idx) -> torch.Tensor:
+    kept = torch.zeros(t.channels, dtype=torch.bool)
+    kept[keep_idx] = True
+    return kept
+
+
+def _piece_mask(kept: torch.Tensor, piece) -> torch.Tensor:
+    """The kept indices of a slice's range: each channel's ``width`` consecutive indices follow it."""
+    return kept[piece.offset : piece.offset + piece.count // piece.width].repeat_interleave(piece.width)
+
+
+def _kept_masks(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object]) -> dict:
+    """``(module name, axis) -> bool mask`` of the indices that stay, for every module axis that loses some
+    (axis 0: producer rows, BN / norm entries, depthwise rows; axis 1: consumer input columns), and
+    ``(parameter name, "param", dim) -> mask`` for free parameters.
 
     Raises:
         ValueError: for a ``keep`` naming an unknown target or an invalid keep set (see :func:`keep_indices`).
     """
+    modules = model if isinstance(model, Mapping) else dict(model.named_modules())
     by_name = {t.name: t for t in targets}
     unknown = sorted(set(keep) - set(by_name))
     if unknown:
@@ -106,14 +123,15 @@ def _kept_masks(modules: dict, targets: Sequence[Target], keep: Mapping[str, obj
         idx = keep_indices(kept_idx, t.channels, f"keep[{name!r}] (target {name})")
         if idx.numel() == t.channels:
             continue
-        kept = torch.zeros(t.channels, dtype=torch.bool)
-        kept[idx] = True
-        for dim, pieces in ((0, t.producers), (0, t.bns), (1, t.consumers)):
-            for p in pieces:
-                mod = modules[p.module]
-                size = mod.num_features if isinstance(mod, _BN) else mod.weight.shape[dim]
-                mask = masks.setdefault((p.module, dim), torch.ones(size, dtype=torch.bool))
-                mask[p.start : p.start + p.count] &= kept[p.offset : p.offset + p.count]
+        kept = _kept(t, idx)
+        for p, axis in t.module_slices():
+            mask = masks.setdefault((p.module, axis), torch.ones(axis_size(modules[p.module], axis), dtype=torch.bool))
+            mask[p.start : p.start + p.count] &= _piece_mask(kept, p)
+        for prm in t.params:
+            owner, _, attr = prm.param.rpartition(".")
+            size = getattr(modules[owner], attr).shape[prm.dim]
+            mask = masks.setdefault((prm.param, "param", prm.dim), torch.ones(size, dtype=torch.bool))
+            mask[prm.start : prm.start + prm.count] &= _piece_mask(kept, prm)
     return masks
 
 
@@ -185,25 +203,7 @@ def narrow_tensor(t: torch.Tensor, dim: int, idx: torch.Tensor, record: Paramete
 def _prune_module_(mod: nn.Module, out_mask, in_mask, record: ParameterSlices, name: str) -> None:
     out_idx = None if out_mask is None else out_mask.nonzero().flatten()
     in_idx = None if in_mask is None else in_mask.nonzero().flatten()
-    if isinstance(mod, _BN):
-        if in_idx is not None:  # pragma: no cover - BN entries are dim-0 slices only
-            raise TypeError(f"prune_model: BatchNorm {name} has no input columns")
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            narrow_attr_(mod, attr, 0, out_idx, record)
-        mod.num_features = int(out_idx.numel())
-        return
-    if isinstance(mod, nn.Conv2d) and mod.groups != 1:  # pragma: no cover - find_targets excludes them
-        raise TypeError(f"prune_model: cannot slice grouped convolution {name} (groups={mod.groups})")
-    if not isinstance(mod, (nn.Conv2d, nn.Linear)):  # pragma: no cover - find_targets yields no other kind
-        raise TypeError(f"prune_model: cannot slice {type(mod).__name__} {name}")
-    out_attr, in_attr = ("out_channels", "in_channels") if isinstance(mod, nn.Conv2d) else ("out_features", "in_features")
-    if out_idx is not None:
-        narrow_attr_(mod, "weight", 0, out_idx, record)
-        narrow_attr_(mod, "bias", 0, out_idx, record)
-        setattr(mod, out_attr, int(out_idx.numel()))
-    if in_idx is not None:
-        narrow_attr_(mod, "weight", 1, in_idx, record)
-        setattr(mod, in_attr, int(in_idx.numel()))
+    narrow_(mod, out_idx, in_idx, lambda m, attr, dim, idx: narrow_attr_(m, attr, dim, idx, record), name)
 
 
 def prune_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object], *, inplace: bool = False,
@@ -217,13 +217,28 @@ def prune_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, 
     Raises:
         ValueError: for a bad ``keep`` (see :func:`keep_indices`), checked before anything changes.
     """
-    masks = _kept_masks(dict(model.named_modules()), targets, keep)
+    masks = _kept_masks(model, targets, keep)
     pruned = model if inplace else copy.deepcopy(model)
     modules = dict(pruned.named_modules())
     record = ParameterSlices() if record is None else record
-    for name in dict.fromkeys(n for n, _ in masks):  # each module once, in a fixed order
+    for name in dict.fromkeys(k[0] for k in masks if len(k) == 2):  # each module once, in a fixed order
         _prune_module_(modules[name], masks.get((name, 0)), masks.get((name, 1)), record, name)
+    for (param, _, dim), mask in ((k, m) for k, m in masks.items() if len(k) == 3):
+        owner, _, attr = param.rpartition(".")
+        narrow_attr_(modules[owner], attr, dim, mask.nonzero().flatten(), record)
+    for t in targets:  # attention modules whose heads went: their head counts follow the projections
+        if t.attention is not None and t.name in keep and keep_indices(keep[t.name], t.channels, t.name).numel() < t.channels:
+            sync_heads_(pruned, t.attention, t.head_dim)
+    _sync_model_widths_(pruned)
     return pruned
+
+
+def _sync_model_widths_(model: nn.Module) -> None:
+    """Width attributes that known models read in their forward code (rather than from tensor shapes)."""
+    for m in model.modules():
+        # torchvision's VisionTransformer reshapes the patch embedding with self.hidden_dim
+        if type(m).__name__ == "VisionTransformer" and type(m).__module__.startswith("torchvision.") and hasattr(m, "conv_proj"):
+            m.hidden_dim = int(m.conv_proj.out_channels)
 
 
 def slice_optimizer_state_(optimizer: torch.optim.Optimizer, record: ParameterSlices) -> int:
@@ -259,11 +274,12 @@ def slice_optimizer_state_(optimizer: torch.optim.Optimizer, record: ParameterSl
     return count
 
 
-def _remap_piece(piece: ModuleSlice, dim_mask: Optional[torch.Tensor], kept: Optional[torch.Tensor]) -> ModuleSlice:
+def _remap_piece(piece, dim_mask: Optional[torch.Tensor], kept: Optional[torch.Tensor]):
     """``piece`` after a removal: its start moves by the removed indices before it, its count and offset by
     the removed channels of its range and before its offset."""
     start = piece.start if dim_mask is None else int(dim_mask[: piece.start].sum())
-    count = piece.count if kept is None else int(kept[piece.offset : piece.offset + piece.count].sum())
+    channels = kept[piece.offset : piece.offset + piece.count // piece.width] if kept is not None else None
+    count = piece.count if kept is None else int(channels.sum()) * piece.width
     offset = piece.offset if kept is None else int(kept[: piece.offset].sum())
     return replace(piece, start=start, count=count, offset=offset)
 
@@ -277,30 +293,124 @@ def remap_targets(model_before: Mapping[str, nn.Module], targets: Sequence[Targe
     for t in targets:
         kept = None
         if t.name in keep:
-            kept = torch.zeros(t.channels, dtype=torch.bool)
-            kept[keep_indices(keep[t.name], t.channels, f"keep[{t.name!r}]")] = True
+            kept = _kept(t, keep_indices(keep[t.name], t.channels, f"keep[{t.name!r}]"))
         channels = t.channels if kept is None else int(kept.sum())
+
+        def remap(pieces, axis):
+            return [_remap_piece(p, masks.get((p.module, axis)), kept) for p in pieces]
+
         out.append(replace(
             t,
             channels=channels,
-            producers=[_remap_piece(p, masks.get((p.module, 0)), kept) for p in t.producers],
-            bns=[_remap_piece(b, masks.get((b.module, 0)), kept) for b in t.bns],
-            consumers=[_remap_piece(c, masks.get((c.module, 1)), kept) for c in t.consumers],
+            producers=remap(t.producers, 0), bns=remap(t.bns, 0), channelwise=remap(t.channelwise, 0),
+            norms=remap(t.norms, 0), consumers=remap(t.consumers, 1),
+            params=[_remap_piece(p, masks.get((p.param, "param", p.dim)), kept) for p in t.params],
         ))
     return out
 
 
-def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object]) -> nn.Module:
-    """A copy of ``model`` with the consumer input columns of every removed channel set to zero: the same
-    function as :func:`prune_model` with the same ``keep``, at the original width."""
+def mask_model(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object],
+               folds: Optional[Mapping[str, tuple]] = None) -> nn.Module:
+    """A copy of ``model`` with the consumer input columns of every removed channel set to zero (after
+    ``folds`` from :func:`constant_inputs` moved their constant part into the consumers' biases): the same
+    function as :func:`prune_model` with the same ``keep`` (and folds), at the original width. LayerNorms /
+    RMSNorms that lose entries compute their statistics over the kept channels only (the removed channels'
+    outputs are zero), as the pruned model does."""
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
+    axes = {n.module: n.axis for t in targets for n in t.norms}
+    if folds:
+        fold_constant_inputs_(masked, folds)
     with torch.no_grad():
-        for (name, dim), mask in _kept_masks(modules, targets, keep).items():
-            if dim == 1:
-                weight = modules[name].weight
-                weight[:, ~mask.to(weight.device)] = 0
+        for key, mask in _kept_masks(modules, targets, keep).items():
+            if len(key) == 2 and key[1] == 1:
+                mod = modules[key[0]]
+                for attr, dim in axis_tensors(mod, 1):
+                    weight = getattr(mod, attr)
+                    weight.index_fill_(dim, (~mask).nonzero().flatten().to(weight.device), 0)
+            elif len(key) == 2 and key[0] in axes and describe(modules[key[0]]) == "norm":
+                _mask_norm_(modules[key[0]], mask, axes[key[0]], key[0])
     return masked
+
+
+def _mask_norm_(mod: nn.Module, mask: torch.Tensor, axis: int, name: str) -> None:
+    """Makes ``mod`` normalise only its kept entries (a narrowed copy of it runs on them) and output zero for
+    the others."""
+    narrow = copy.deepcopy(mod)
+    _prune_module_(narrow, mask, None, ParameterSlices(), name)
+    idx = mask.nonzero().flatten()
+
+    def forward(x, *args, **kwargs):
+        i = idx.to(x.device)
+        y = narrow(x.index_select(axis, i), *args, **kwargs)
+        return torch.zeros(x.shape, dtype=y.dtype, device=y.device).index_copy_(axis % x.dim(), i, y)
+
+    mod.forward = forward
+
+
+def constant_inputs(model: nn.Module, targets: Sequence[Target], keep: Mapping[str, object], example_inputs) -> dict:
+    """What each removed channel feeds its consumers, for channels whose output is a constant: a channel whose
+    BatchNorm scale is 0 still outputs its shift ``beta`` (``relu(beta)`` after a ReLU) whatever the input,
+    and removing its consumer columns would drop that constant (``--bn-gamma-only``, filter mode, network
+    slimming). One eval-mode forward of ``example_inputs`` reads every consumer's input; the value of a removed
+    column is its mean over the batch and the positions. Returns ``{consumer: (removed columns, values)}`` for
+    :func:`fold_constant_inputs_`.
+
+    Exact for consumers that mix positions only through sums the constant enters everywhere (``Linear``,
+    1x1 or unpadded convolutions); a zero-padded convolution sees fewer copies of the constant at the image
+    border, which a bias cannot express: there the fold is exact in the interior only."""
+    from .targets import example_batch, run_example
+
+    modules = dict(model.named_modules())
+    # consumer input columns of convolutions and linear layers (other consumers carry no foldable bias)
+    removed = {key[0]: ~mask for key, mask in _kept_masks(modules, targets, keep).items()
+               if len(key) == 2 and key[1] == 1 and isinstance(modules[key[0]], (nn.Conv2d, nn.Linear))}
+    seen: dict = {}
+
+    def hook(name):
+        def read(m, args):
+            x = args[0].detach()
+            idx = removed[name].nonzero().flatten().to(x.device)
+            cols = x.index_select(1 if isinstance(m, nn.Conv2d) else x.dim() - 1, idx)
+            dims = [d for d in range(cols.dim()) if d != (1 if isinstance(m, nn.Conv2d) else cols.dim() - 1)]
+            seen[name] = (idx.cpu(), cols.double().mean(dims).cpu())
+        return read
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n, r in removed.items() if bool(r.any())]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_example(model, example_batch(model, example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+def fold_constant_inputs_(model: nn.Module, folds: Mapping[str, tuple]) -> dict:
+    """Adds ``W[:, removed] @ values`` (summed over the kernel for a convolution) to each consumer's bias (a zero
+    bias is created where the layer has none), so that dropping the removed columns keeps the constant they
+    carried. Returns ``{consumer: {"max_bias_change": ..., "created_bias": bool}}``."""
+    modules = dict(model.named_modules())
+    out = {}
+    with torch.no_grad():
+        for name, (idx, values) in folds.items():
+            mod = modules[name]
+            w = mod.weight.index_select(1, idx.to(mod.weight.device)).double()
+            if w.dim() > 2:
+                w = w.sum(tuple(range(2, w.dim())))
+            delta = w @ values.to(w.device)
+            if not bool((delta != 0).any()):
+                continue
+            created = mod.bias is None
+            if created:
+                mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
+            mod.bias.add_(delta.to(mod.bias.dtype))
+            out[name] = {"max_bias_change": float(delta.abs().max()), "created_bias": created}
+    return out
 
 
 def slice_catalysts(catalysts: Sequence[torch.Tensor], targets: Sequence[Target], keep: Mapping[str, object]) -> list[torch.nn.Parameter]:

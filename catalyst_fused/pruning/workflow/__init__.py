@@ -32,13 +32,20 @@ Choices **[our reading]**, stated here once:
   ``sqrt(1 - m)`` (0.32 at m = 0.9), which in a first trial pushed every channel above 1. For the same
   reason a ``catalyst_lr`` different from ``lr`` moves the threshold to ``sqrt(catalyst_lr / lr)``.
 * The penalty is applied with the fused in-place call ``cf.penalty_(..., scale=gamma_t)`` after
-  ``loss.backward()``, i.e. the objective is ``L + gamma_t R``.
-* gamma schedule: ``gamma_t = gamma * min(1, (t + 1) / (gamma_warmup + 1))`` per opt1 epoch ``t`` (linear
+  ``loss.backward()``, i.e. the objective is ``L + gamma_t R``. Catalysts are threshold-corrected,
+  ``d = c0 n / sqrt(k)`` (:mod:`..dynamics`), so ``u = c sqrt(k) = 1`` is the unstable point of every group.
+* gamma: ``"auto"`` (default) picks it from the opt1 step budget (:func:`..dynamics.auto_gamma`) and the run
+  logs the predicted decision epoch. gamma schedule: ``gamma_t = gamma * min(1, (t + 1) / (gamma_warmup + 1))`` per opt1 epoch ``t`` (linear
   warm-up over ``gamma_warmup`` epochs, then constant; ``gamma_warmup = 0`` is constant). opt1 uses a
-  constant learning rate; dense training and fine-tuning use cosine annealing.
-* Stop rule: opt1 ends after the first epoch at which every channel is decided, ``|log10 c_i| > kappa``, or
-  when the epoch budget is spent. Undecided channels are reported and **kept**.
-* Decision: remove a channel iff it is decided and ``c_i > 1`` (so ``log10 c_i > kappa``). A layer never
+  constant learning rate of its own (``opt1_lr``, default 0.1 x ``lr``: no jump from the annealed dense
+  stage); dense training and fine-tuning use cosine annealing.
+* Evaluation: every accuracy reported or acted on is measured after re-estimating the BatchNorm statistics
+  on ``bn_recalibration_batches`` training batches (:func:`..bn.recalibrate_bn`; 0 = eval-mode statistics).
+* Stop rule: a channel is decided when ``|log10 u_i| > kappa`` and frozen from then on (:mod:`..control`);
+  at 80% of the budget the undecided ones are decided by their side. opt1 ends after the first epoch at
+  which every channel is decided (and settled), or when the epoch budget is spent. Undecided channels are
+  reported and **kept**.
+* Decision: remove a channel iff it is decided and ``u_i > 1`` (so ``log10 u_i > kappa``). A layer never
   loses all its channels: if every channel of a target would go, the one with the smallest ``c`` stays
   (reported as ``forced_keep``).
 * Verification at the prune step (eval mode, on up to 256 test samples): the pruned model must match the
@@ -47,11 +54,9 @@ Choices **[our reading]**, stated here once:
   ``verify_rtol * max|logits|`` (default 1e-2; checks that removed channels were really ~0). Both figures
   are reported; a failed check is reported, not raised. With the bypass, all three are extended models:
   the pruned one keeps the ``d``/``dbar`` entries of its kept channels.
-* Target speed-up: ``c0`` is calibrated by geometric bisection on ``[1 / calib_c0_max, calib_c0_max]``: each trial runs opt1 from the
-  dense weights (by default the full budget with the stop rule, i.e. exactly the run the pipeline then
-  makes; ``calib_epochs > 0`` for shorter, cheaper, under-predicting trials) and predicts the FLOPs ratio with the final decision
-  rule (decided channels with ``c > 1``); the smallest tested ``c0`` whose prediction reaches the target is used (or
-  ``calib_c0_max`` if none does, reported as not reached). Larger ``c0`` prunes more (section 3/8).
+* Target speed-up: reached within the one opt1 run: after every step the undecided catalysts are moved by
+  one common factor so that the channels predicted to go give the target FLOPs ratio (:mod:`..control`);
+  the baselines rank channels to it after opt1.
 * A non-finite training loss stops the run at once: ``report.json`` gets ``"status": "diverged"`` and the
   error, the last checkpoint (before the bad step) is kept, and the CLI exits with status 1.
 * Determinism: the data order of epoch ``e`` of a stage comes from a generator seeded with
@@ -65,16 +70,16 @@ from typing import Callable, Optional, Union
 
 from .. import distributed
 from ..formulations import FORMULATIONS
-from .calibration import calibrate_c0, gamma_t, predict_speedup
-from .config import PruneConfig
+from ..unstructured import is_unstructured
+from .calibration import gamma_t
+from .config import AFTER_RUN_FIELDS, RUN_ONLY_FIELDS, PruneConfig
 from .plots import HIST_BINS
 from .report import Interrupted, Report
 from .runner import Interrupt, OutputBusyError, OutputLock, Run, RunInputs, load_checkpoint
 from .stages import final_report, run_stages, write_outputs
 from .training import Diverged
 
-__all__ = ["PruneConfig", "Report", "Interrupted", "OutputBusyError", "run_pipeline", "calibrate_c0", "predict_speedup", "gamma_t",
-           "HIST_BINS", "FORMULATIONS"]
+__all__ = ["PruneConfig", "Report", "Interrupted", "OutputBusyError", "run_pipeline", "gamma_t", "HIST_BINS", "FORMULATIONS"]
 
 
 def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=None, example_inputs=None,
@@ -108,7 +113,10 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
         if ignored:
             log("warning: --resume continues with the saved configuration; these options differ from it and are "
                 "ignored: " + ", ".join(ignored))
-        saved.out, saved.progress, saved.plots = config.out, config.progress, config.plots
+        default = PruneConfig()
+        for name in RUN_ONLY_FIELDS:  # where and how to write: this call's; what to measure and export: this call's if set
+            if name not in AFTER_RUN_FIELDS or getattr(config, name) != getattr(default, name):
+                setattr(saved, name, getattr(config, name))
         config = saved
         config.validate(named_model=model is None, named_data=train_data is None and test_data is None)
         log(f"resuming {out / 'checkpoint.pt'}: stage {state.stage}, {state.epoch} epochs done")
@@ -121,7 +129,10 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
         inputs = RunInputs.from_objects(config, model, train_data, test_data, example_inputs, loss_fn)
         run = Run(config, state, inputs, log=log, stop_after_epochs=stop_after_epochs)
         dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in run.excluded) or "none"
-        log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
+        if is_unstructured(config.method):
+            log(f"targets: {len(run.targets)} tensors, {sum(t.numel for t in run.targets)} weights; left dense: {dropped}")
+        else:
+            log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
         try:
             run_stages(run)
         except Interrupt as stop:

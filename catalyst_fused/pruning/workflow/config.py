@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -13,11 +13,19 @@ from ...models import MODEL_NAMES
 from ..formulations import FORMULATIONS
 from ..methods import get_method
 from ..targets import MODES
+from ..unstructured import SCHEDULES, SCOPES, is_unstructured
 
-__all__ = ["PruneConfig", "RUN_ONLY_FIELDS"]
+__all__ = ["PruneConfig", "RUN_ONLY_FIELDS", "AFTER_RUN_FIELDS", "OPT1_LR_FACTOR"]
 
-# Fields that change how a run is shown or where it is written, not what it computes.
-RUN_ONLY_FIELDS = ("out", "progress", "plots")
+# Fields that change how a run is shown or where it is written, not what it computes, and
+# what is measured and exported after it (AFTER_RUN_FIELDS: on resume, taken from the current call where set).
+AFTER_RUN_FIELDS = ("export", "latency", "latency_threads", "latency_repeats")
+RUN_ONLY_FIELDS = ("out", "progress", "plots") + AFTER_RUN_FIELDS
+
+# opt1's default constant learning rate, as a fraction of the dense stage's peak lr: the dense stage ends
+# annealed to ~0, and a jump back to the peak cost ResNet-56 real accuracy for two epochs (catalyst-method.md
+# section 9); see the README's "opt1 learning rate" for the measurement behind the factor.
+OPT1_LR_FACTOR = 0.1
 
 
 def _flag(name: str) -> str:
@@ -34,22 +42,21 @@ class PruneConfig:
     formulation: str = "regularizer"  # or "bypass" (section 4b: extended model, then opt2)
     out: str = "prune_out"
     dense_epochs: int = 15
-    epochs: int = 50  # opt1 budget
+    epochs: int = 30  # opt1 budget (gamma="auto" fits the decisions into it)
     finetune_epochs: int = 5
     opt2_epochs: int = 5  # bypass only: epochs driving d - dbar to 0 before the fold
     opt2_mu: float = 10.0  # bypass only: weight of mu_t * sum (d - dbar)^2
     opt2_ramp: int = 2  # bypass only: epochs of linear mu ramp
     opt2_lr: Optional[float] = None  # bypass only: constant opt2 learning rate (default: finetune_lr)
     opt2_tol: float = 1e-2  # bypass only: largest |d - dbar| accepted as "small" at the snap
-    gamma: float = 0.03
+    gamma: Union[float, str] = "auto"  # Catalyst: "auto" = from the opt1 step budget (pruner.resolve_gamma)
     gamma_warmup: int = 0
-    c0: float = 1.2
+    c0: float = 1.0  # corrected ratio u = c sqrt(k) every channel starts at (1: the threshold of every group)
     target_speedup: Optional[float] = None
-    calib_epochs: int = 0  # 0: each calibration trial is the full opt1 (exact prediction)
-    calib_iters: int = 6
-    calib_c0_max: float = 1.5
-    kappa: float = 2.0
+    kappa: float = 1.0  # decided when |log10 u| > kappa (then frozen)
     lr: float = 0.05
+    opt1_lr: Optional[float] = None  # constant opt1 learning rate (default: OPT1_LR_FACTOR * lr)
+    bn_recalibration_batches: int = 8  # BN statistics re-estimated on this many training batches before every accuracy
     catalyst_lr: Optional[float] = None
     finetune_lr: float = 0.01
     momentum: float = 0.9
@@ -60,7 +67,12 @@ class PruneConfig:
     bn_beta: bool = True
     image_size: Optional[int] = None
     verify_rtol: float = 1e-2
-    latency_batch: int = 64
+    latency_batch: int = 64  # latency is measured at batch 1 and this batch size
+    latency: str = "eager,compile,onnxruntime"  # runtimes timed after the run (eager always)
+    latency_threads: str = "1,2"  # thread counts timed
+    latency_repeats: int = 15  # timed samples per model and setting
+    export: str = ""  # formats the pruned model is exported to: "onnx", "pt2" or "onnx,pt2"
+    round_to: int = 1  # round kept widths up to a multiple of this (1: no rounding)
     progress: bool = True
     plots: bool = True
     train_limit: Optional[int] = None  # use only the first N training / test samples (smoke tests)
@@ -69,6 +81,13 @@ class PruneConfig:
     norm_threshold: float = 1e-2  # baselines without a target speed-up: remove groups with n_i <= this
     noise_level: float = 0.01  # relative weight noise for the decision-robustness figure
     noise_draws: int = 5
+    # unstructured methods (lats, magnitude; workflow/unstructured.py)
+    sparsity: Optional[float] = None  # target fraction of zero weights over the sparsified tensors
+    sparsity_scope: str = "global"  # "global": one threshold over all tensors; "layer": each tensor at --sparsity
+    schedule: str = "lats"  # LATS threshold schedule: lats | slats | continuation
+    beta: float = 10.0  # continuation: growth of the L1 coefficient over the run
+    sparsify_first: bool = False  # also sparsify the first conv/linear layer
+    sparsify_classifier: bool = False  # also sparsify the last one (the classifier)
 
     def validate(self, *, named_model: bool = True, named_data: bool = True) -> None:
         """Raises ValueError naming the flag of the first bad option. ``named_model`` / ``named_data``: the
@@ -79,14 +98,20 @@ class PruneConfig:
             raise ValueError(f"--dataset: unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        get_method(self.method)  # raises for an unknown --method
+        if is_unstructured(self.method):
+            self._validate_unstructured()
+        else:
+            get_method(self.method)  # raises for an unknown --method
+            if self.sparsity is not None:
+                raise ValueError(f"--sparsity is the target of the unstructured methods (--method lats|magnitude); --method "
+                                 f"{self.method} prunes channels (--target-speedup)")
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"--formulation: unknown formulation {self.formulation!r}; choose one of: {', '.join(FORMULATIONS)}")
         if self.formulation == "bypass" and self.method != "catalyst":
             raise ValueError(f"--formulation bypass is Catalyst's extended model; --method {self.method} runs the "
                              "regularizer formulation only")
-        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "calib_epochs", "calib_iters",
-                     "opt2_epochs", "opt2_ramp", "seed"):
+        for name in ("dense_epochs", "epochs", "finetune_epochs", "gamma_warmup", "opt2_epochs", "opt2_ramp", "seed",
+                     "bn_recalibration_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0 (an integer), got {value!r}")
@@ -94,11 +119,30 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
-        for name in ("batch_size", "latency_batch", "noise_draws"):
+        for name in ("batch_size", "latency_batch", "noise_draws", "round_to"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1 (an integer), got {value!r}")
-        self._finite("gamma", minimum=0.0)
+        if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) or self.latency_repeats < 3:
+            raise ValueError(f"--latency-repeats must be >= 3 (an integer), got {self.latency_repeats!r}")
+        from ..export import parse_formats, require_export_extra
+        from ..latency import parse_runtimes, parse_threads
+
+        parse_runtimes(self.latency, "--latency")
+        parse_threads(self.latency_threads, "--latency-threads")
+        if "onnx" in parse_formats(self.export, "--export"):
+            try:  # before the run, not after it
+                require_export_extra("--export onnx")
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
+        if self.gamma == "auto":
+            if self.method != "catalyst":
+                raise ValueError(f"--gamma auto comes from Catalyst's decision dynamics; --method {self.method} needs a "
+                                 "number (e.g. --gamma 0.01)")
+        elif isinstance(self.gamma, str):
+            raise ValueError(f"--gamma must be a finite number >= 0 or 'auto', got {self.gamma!r}")
+        else:
+            self._finite("gamma", minimum=0.0)
         self._finite("c0", positive=True)
         self._finite("kappa", positive=True)
         self._finite("lr", positive=True)
@@ -109,7 +153,7 @@ class PruneConfig:
         self._finite("noise_level", minimum=0.0)
         self._finite("opt2_mu", positive=True)
         self._finite("opt2_tol", positive=True)
-        for name in ("catalyst_lr", "opt2_lr"):
+        for name in ("catalyst_lr", "opt2_lr", "opt1_lr"):
             if getattr(self, name) is not None:
                 self._finite(name, positive=True)
         self._finite("momentum", minimum=0.0)
@@ -119,8 +163,6 @@ class PruneConfig:
             self._finite("target_speedup", positive=True)
             if self.target_speedup < 1:
                 raise ValueError(f"--target-speedup must be a finite number >= 1, got {self.target_speedup}")
-        if not (math.isfinite(self.calib_c0_max) and self.calib_c0_max > 1):
-            raise ValueError(f"--calib-c0-max must be a finite number > 1, got {self.calib_c0_max}")
         if self.dense_checkpoint is not None and not Path(self.dense_checkpoint).is_file():
             raise ValueError(f"--dense-checkpoint: no file at {self.dense_checkpoint}")
         if self.formulation == "bypass":
@@ -139,6 +181,24 @@ class PruneConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
 
+    def _validate_unstructured(self) -> None:
+        if self.sparsity is None:
+            raise ValueError(f"--method {self.method} needs --sparsity (the target fraction of zero weights, e.g. 0.9); "
+                             "the channel baseline that was called lats is now --method lats_channel")
+        value = self.sparsity
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 <= value < 1):
+            raise ValueError(f"--sparsity must be a number in [0, 1), got {value!r}")
+        if self.sparsity_scope not in SCOPES:
+            raise ValueError(f"--sparsity-scope: unknown scope {self.sparsity_scope!r}; choose one of: {', '.join(SCOPES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        self._finite("beta", positive=True)
+        if self.target_speedup is not None:
+            raise ValueError(f"--target-speedup is a channel-pruning target; --method {self.method} takes --sparsity "
+                             "(unstructured zeros do not change the dense FLOPs)")
+        if self.method == "lats" and isinstance(self.epochs, int) and self.epochs < 1:
+            raise ValueError("--epochs must be >= 1 for --method lats: its threshold rises over the sparsify epochs")
+
     def _finite(self, name: str, *, positive: bool = False, minimum: Optional[float] = None) -> None:
         value = getattr(self, name)
         ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -146,6 +206,10 @@ class PruneConfig:
         if not ok:
             what = "a positive finite number" if positive else f"a finite number >= {minimum:g}"
             raise ValueError(f"{_flag(name)} must be {what}, got {value!r}")
+
+    @property
+    def opt1_learning_rate(self) -> float:
+        return OPT1_LR_FACTOR * self.lr if self.opt1_lr is None else self.opt1_lr
 
     @property
     def opt2_learning_rate(self) -> float:

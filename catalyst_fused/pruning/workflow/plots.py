@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["HIST_BINS", "make_plots"]
 
 HIST_BINS = [float(b) for b in np.arange(-12.0, 12.5, 0.5)]  # log10 c histogram bin edges (+-inf clipped)
-_STAGE_SHADES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+_STAGE_SHADES = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done", "sparsify", "masks")
 
 
 def make_plots(out: Path, kappa: float, opt1, history: list, log) -> list[str]:
@@ -47,7 +47,7 @@ def make_plots(out: Path, kappa: float, opt1, history: list, log) -> list[str]:
         centers = (np.array(HIST_BINS[:-1]) + np.array(HIST_BINS[1:])) / 2
         for ax, (name, info) in zip(axes.flat, layers.items()):
             ax.bar(centers, info["hist"], width=0.45)
-            if statistic == "log10 c":  # the +-kappa band is Catalyst's decision rule; baselines have none
+            if statistic in ("log10 c", "log10 u"):  # the +-kappa band is Catalyst's decision rule; baselines have none
                 ax.axvline(kappa, color="r", lw=0.8)
                 ax.axvline(-kappa, color="r", lw=0.8)
             ax.set_title(name, fontsize=8)

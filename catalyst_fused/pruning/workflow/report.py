@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..latency import LatencyRow, LatencyTable
 from .config import PruneConfig
 
 __all__ = [
-    "StageEval", "Calibration", "Opt1Report", "PruneStageReport", "Opt2Report", "Stages", "Accuracy", "Cost",
-    "Report", "Interrupted", "json_safe", "write_json_atomic",
+    "StageEval", "Calibration", "Opt1Report", "PruneStageReport", "Opt2Report", "SparsifyReport", "MaskReport",
+    "Stages", "Accuracy", "Cost", "Report", "Interrupted", "json_safe", "write_json_atomic", "LatencyRow",
+    "LatencyTable",
 ]
 
 
@@ -74,12 +76,17 @@ class StageEval(_Section):
 
 @dataclass
 class Calibration(_Section):
-    target_speedup: float
-    c0: float
-    reached_in_calibration: bool
-    trials: list
-    calib_epochs: int
-    method: str
+    """The ``calibrate`` stage: the sparsity strength and what the catalysts' dynamics predict for opt1."""
+
+    gamma: float
+    gamma_auto: bool
+    opt1_lr: float
+    rate_lam: float  # lr * gamma / (1 - momentum)
+    budget_steps: Optional[int]
+    steps_per_epoch: int
+    target_speedup: Optional[float] = None
+    predictions: dict = field(default_factory=dict)  # Pruner.predictions(): k, decision times, force step, ...
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +101,11 @@ class Opt1Report(_Section):
     loss: Optional[float] = None
     samples: Optional[int] = None
     final_threshold: Optional[float] = None  # soft-threshold methods: the cumulative threshold
+    gamma: Optional[float] = None  # the (resolved) base gamma
+    lr: Optional[float] = None  # the constant opt1 learning rate
+    decisions: Optional[dict] = None  # Catalyst: decided / forced counts, decision steps, target feedback
+    stop_rule_fired: Optional[bool] = None
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -135,8 +147,60 @@ class Opt2Report(_Section):
     samples: Optional[int] = None
 
 
+@dataclass
+class SparsifyReport(_Section):
+    """Unstructured path (workflow/unstructured.py): the sparsity-inducing training."""
+
+    method: str
+    target_sparsity: float
+    scope: str
+    schedule: Optional[str]
+    beta: Optional[float]
+    tensors: int
+    elements: int
+    total_steps: Optional[int]
+    steps_per_epoch: int
+    initial_sparsity: float
+    lr_schedule: str
+    epochs_run: int = 0
+    steps: int = 0
+    sparsity: Optional[float] = None
+    final_threshold: Optional[list] = None
+    threshold_history: list = field(default_factory=list)  # every re-estimate of the final threshold
+    accuracy: Optional[float] = None
+    loss: Optional[float] = None
+    samples: Optional[int] = None
+
+
+@dataclass
+class MaskReport(_Section):
+    """Unstructured path: the masks fixed, the real sparsity against the target."""
+
+    method: str
+    target_sparsity: float
+    scope: str
+    sparsity: float
+    abs_error_points: float
+    within_one_point: bool
+    zeros: int
+    elements: int
+    per_tensor: dict
+    model_params: int
+    model_zeros: int
+    model_sparsity: float
+    final_threshold: list
+    accuracy_before: float
+    accuracy_after: float
+    max_abs_logit_change: float
+    samples: int
+    dense_macs: int
+    nonzero_macs: int
+    macs_note: str
+    sparsity_after_finetune: Optional[float] = None
+
+
 _STAGE_TYPES = {"dense": StageEval, "calibration": Calibration, "opt1": Opt1Report, "prune": PruneStageReport,
-                "opt2": Opt2Report, "finetune": StageEval}
+                "opt2": Opt2Report, "finetune": StageEval, "sparsify": SparsifyReport, "masks": MaskReport}
 
 
 @dataclass
@@ -149,6 +213,8 @@ class Stages:
     prune: Optional[PruneStageReport] = None
     opt2: Optional[Opt2Report] = None
     finetune: Optional[StageEval] = None
+    sparsify: Optional[SparsifyReport] = None  # the unstructured path's two stages
+    masks: Optional[MaskReport] = None
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).to_dict() for name in _STAGE_TYPES if getattr(self, name) is not None}
@@ -170,12 +236,25 @@ class Accuracy(_Section):
 
 @dataclass
 class Cost(_Section):
+    """FLOPs, parameters and latency of the dense and the pruned model. ``dense["latency"]`` /
+    ``pruned["latency"]`` and ``latency_ratio`` are the headline figure (eager, batch ``latency_batch``, the
+    most threads); ``latency_table`` has every runtime x batch x thread count with the machine's load."""
+
     dense: dict
     pruned: dict
     flops_ratio: float
     params_ratio: float
     latency_ratio: float
     flops_counting: str
+    latency_table: Optional[LatencyTable] = None
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]):
+        if d is None:
+            return None
+        cost = super().from_dict(d)
+        cost.latency_table = LatencyTable.from_dict(d.get("latency_table"))
+        return cost
 
 
 @dataclass
@@ -204,7 +283,9 @@ class Report:
     method: str
     formulation: str
     opt2: Optional[dict] = None  # the opt2 section again (None for the regularizer formulation)
+    evaluation: Optional[str] = None  # how the accuracies were measured (BatchNorm statistics)
     plots: list = field(default_factory=list)
+    exports: Optional[dict] = None  # --export: format -> ExportResult.to_dict() (file, check against eager)
     error: Optional[str] = None
 
     def to_dict(self) -> dict:

@@ -1,9 +1,10 @@
 """The runner: owns the run's state, checkpoints, interruption, timing and the output directory, and runs
 the stages (:mod:`.stages`) in order, resuming at the stage and epoch a checkpoint recorded.
 
-Files in the output directory: ``checkpoint.pt`` (after every epoch and every stage; loads with
-``torch.load(..., weights_only=True)``), ``dense_model.pt``, ``pruned_model.pt`` and ``report.json``,
-all written through a temporary file and a rename, and ``.lock``, which keeps a second run out of the same
+Files in the output directory: ``checkpoint.pt`` (after every epoch and every stage) and ``dense_model.pt``
+(a ``state_dict``), both loadable with ``torch.load(..., weights_only=True)``; ``pruned_model.safetensors``
+and ``pruned_model.json`` (weights and pruning spec, :mod:`..serialization`), with ``--export`` also
+``pruned_model.onnx`` / ``pruned_model.pt2``; ``report.json``; all written through a temporary file and a rename, and ``.lock``, which keeps a second run out of the same
 directory while one is running (an OS lock: it goes away with the process that held it).
 """
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch.utils.data import Subset
 from ...data import load_dataset, make_loader
 from ...models import build_model
 from .. import distributed
+from ..bn import recalibrate_bn
 from ..metrics import count_flops, count_params, evaluate
 from ..pruner import Pruner
+from ..unstructured import is_unstructured
 from .config import PruneConfig
 from .report import Stages
 from .training import Diverged
@@ -35,7 +38,7 @@ __all__ = ["RunState", "RunInputs", "Run", "Interrupt", "CHECKPOINT_FORMAT", "sa
            "OutputBusyError"]
 
 CHECKPOINT_FORMAT = "catalyst_fused.checkpoint/2"
-STAGE_ORDER = ("dense", "calibrate", "opt1", "prune", "opt2", "finetune", "done")
+STAGE_ORDER = ("dense", "calibrate", "opt1", "prune", "opt2", "sparsify", "masks", "finetune", "done")
 
 
 class Interrupt(Exception):
@@ -184,13 +187,15 @@ class RunInputs:
     input_shape: tuple  # one sample's shape (FLOPs, latency, the trace)
     info: dict  # dataset description for the report
     loss_fn: Optional[Callable] = None  # None: cross-entropy
+    builder: Optional[dict] = None  # build_model's arguments when the model is built by name (saved with the model)
 
     @classmethod
     def from_names(cls, cfg: PruneConfig) -> "RunInputs":
         channels, size = input_format(cfg)
         train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, image_size=size, channels=channels)
-        return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels),
-                   train_set, test_set, (channels, size, size), asdict(info))
+        return cls(lambda: build_model(cfg.model, num_classes=info.num_classes, in_channels=channels, image_size=size),
+                   train_set, test_set, (channels, size, size), asdict(info),
+                   builder={"name": cfg.model, "num_classes": info.num_classes, "in_channels": channels, "image_size": size})
 
     @classmethod
     def from_objects(cls, cfg: PruneConfig, model=None, train_data=None, test_data=None, example_inputs=None,
@@ -221,7 +226,7 @@ class RunInputs:
             handed = [model]
             # the first model is the caller's own (pruned in place); later ones are fresh dense copies
             new_model = lambda: handed.pop() if handed else copy.deepcopy(template)  # noqa: E731
-        return cls(new_model, train_set, test_set, shape, info, loss_fn)
+        return cls(new_model, train_set, test_set, shape, info, loss_fn, builder=named.builder if model is None else None)
 
 
 class Run:
@@ -262,8 +267,14 @@ class Run:
         self.stages = Stages.from_dict(state.stages)
         self.model = self.new_model()
         # The groups this run regularises (config errors surface now); the pruner reuses them.
-        self.targets, self.excluded = Pruner.plan(
-            self.model, self.input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation, bn_beta=cfg.bn_beta)
+        if is_unstructured(cfg.method):  # the tensors it sparsifies (workflow/unstructured.py)
+            from .unstructured import plan
+
+            self.targets, self.excluded = plan(self.model, cfg, self.input_shape)
+        else:
+            self.targets, self.excluded = Pruner.plan(
+                self.model, self.input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation,
+                bn_beta=cfg.bn_beta)
         self.dense_cost = {"flops": count_flops(self.model, self.input_shape), "params": count_params(self.model)}
         self.pruner: Optional[Pruner] = None
         if not fresh:
@@ -280,12 +291,29 @@ class Run:
 
     def new_pruner(self, c0: float) -> Pruner:
         """The run's pruner on the run's model (reusing the targets found at the start)."""
-        from .calibration import make_pruner
+        if is_unstructured(self.cfg.method):
+            from . import unstructured
 
-        return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets)
+            return unstructured.make_pruner(self)
+        from .calibration import make_pruner, opt1_steps
 
-    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict:
-        return evaluate(self.model if model is None else model, self.test_loader, self.device, self.loss_fn)
+        return make_pruner(self.model, self.cfg, c0, self.input_shape, self.targets,
+                           budget_steps=opt1_steps(self.cfg, len(self.train_set)))
+
+    def recalibrate(self, model: Optional[torch.nn.Module] = None) -> int:
+        """Re-estimates the BatchNorm statistics of ``model`` (default: the run's) on ``bn_recalibration_batches``
+        training batches, always the same ones (their own seeded order: no global random state is drawn)."""
+        if not self.cfg.bn_recalibration_batches:
+            return 0
+        loader = make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + 999)
+        return recalibrate_bn(self.model if model is None else model, loader, self.cfg.bn_recalibration_batches, self.device)
+
+    def evaluate(self, model: Optional[torch.nn.Module] = None, *, recalibrate: bool = True) -> dict:
+        """Test accuracy and loss, BatchNorm statistics re-estimated first (see :meth:`recalibrate`)."""
+        model = self.model if model is None else model
+        if recalibrate:
+            self.recalibrate(model)
+        return evaluate(model, self.test_loader, self.device, self.loss_fn)
 
     def sgd(self, params, lr: float) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)

@@ -14,11 +14,14 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..methods import decision_flips, get_method, spearman
-from ..metrics import count_flops, count_params, measure_latency
+from ..methods import decision_flips, get_method, round_widths, spearman
+from ..export import export_model, parse_formats
+from ..latency import compare_latency, parse_threads
+from ..metrics import count_flops, count_params
 from ..pruner import Decision, margin
+from ..serialization import save_pruned
 from ..surgery import mask_model
-from .calibration import calibrate_c0, opt1_hooks
+from .calibration import calibrate as calibrate_pruner, opt1_hooks
 from .report import Accuracy, Cost, Opt1Report, Opt2Report, PruneStageReport, Report, StageEval
 from .runner import Run, save_atomic
 from .training import epoch_loop
@@ -77,60 +80,85 @@ def dense(run: Run) -> None:
 
 
 def calibrate(run: Run) -> None:
-    """c0 for a target speed-up (methods that cannot rank channels to a target), then the pruner."""
-    cfg = run.cfg
+    """The pruner (threshold-corrected catalysts), its gamma (``auto``: from the opt1 budget) and the
+    dynamics' predictions (:mod:`.calibration`)."""
     with run.timed("calibrate"):
-        if cfg.target_speedup is not None and not get_method(cfg.method).reaches_target_by_ranking:
-            run.log(f"calibrating c0 for a {cfg.target_speedup}x FLOPs reduction")
-            run.stages.calibration = calibrate_c0(run)
-            run.state.c0 = run.stages.calibration.c0
         run.pruner = run.new_pruner(run.state.c0)
+        run.stages.calibration = calibrate_pruner(run)
         # group norms when opt1 starts, before any catalyst moved (magnitude-bias figure)
         run.state.initial_norms = run.pruner.method.norms(run.pruner.target_set).cpu()
     run.advance("opt1")
+
+
+def _opt1_log(e: int, epochs: int, rec: dict, st: dict, pruner) -> str:
+    text = (f"opt1 {e}/{epochs}: loss {rec['train_loss']:.4f} R {st['penalty']:.4f} acc {rec['test_accuracy']:.2f}% "
+            f"decided {100 * st['fraction_decided']:.1f}% {st['statistic']}>0 {100 * st['fraction_c_gt_1']:.1f}%")
+    control = getattr(pruner.method, "control", None)
+    if control is not None:
+        text += f" (pruned {int((control.state == 1).sum())}, kept {int((control.state == -1).sum())}"
+        if pruner.target_speedup is not None:
+            text += f", predicted {rec['predicted_speedup']:.2f}x, target shift {control.total_shift:+.3f} decades"
+        text += ")"
+    return text
 
 
 def opt1(run: Run) -> None:
     """``L + gamma_t R`` (or the baseline's sparsity step) until the method's stop rule or the budget."""
     cfg, pruner = run.cfg, run.pruner
     with run.timed("opt1"):
-        opt = torch.optim.SGD(pruner.param_groups(cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        lr = cfg.opt1_learning_rate
+        base_gamma = run.stages.calibration.gamma
+        opt = torch.optim.SGD(pruner.param_groups(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
         pruner.attach_optimizer(opt)
         run.load_state_into(opt)
         start = run.state.epoch
         if run.stages.opt1 is None:
-            run.stages.opt1 = Opt1Report(method=pruner.method.name, c0=run.state.c0)
+            run.stages.opt1 = Opt1Report(method=pruner.method.name, c0=run.state.c0, gamma=base_gamma, lr=lr)
         op = run.stages.opt1
         stats = decision_stats(pruner)
         if start == 0:
             op.initial_fraction_decided = stats["fraction_decided"]
         stopped = start > 0 and pruner.all_decided()
+        dense_acc = run.stages.dense.accuracy
 
         def after_epoch(e, rec):
             st = decision_stats(pruner)
-            rec.update(stage="opt1", epoch=e, gamma=pruner.gamma, test_accuracy=run.evaluate()["accuracy"],
+            ev = run.evaluate()  # BatchNorm statistics re-estimated: the weights moved faster than they follow
+            rec.update(stage="opt1", epoch=e, gamma=pruner.gamma, test_accuracy=ev["accuracy"], test_loss=ev["loss"],
                        penalty=st["penalty"], fraction_decided=st["fraction_decided"],
                        fraction_c_gt_1=st["fraction_c_gt_1"], undecided=st["undecided"],
                        layers={k: {kk: v[kk] for kk in ("decided", "log10c_gt_0", "hist")} for k, v in st["layers"].items()})
-            run.log(f"opt1 {e}/{cfg.epochs}: loss {rec['train_loss']:.4f} R {st['penalty']:.4f} acc {rec['test_accuracy']:.2f}% "
-                    f"decided {100 * st['fraction_decided']:.1f}% {st['statistic']}>0 {100 * st['fraction_c_gt_1']:.1f}%")
-            stop = pruner.method.has_stop_rule and st["undecided"] == 0
+            control = getattr(pruner.method, "control", None)
+            if control is not None and pruner.target_speedup is not None:
+                predicted = (control.state == 1) | ((control.state == 0) & (torch.cat(pruner.scores()) > 0))
+                rec.update(predicted_speedup=float(pruner.flops_model().ratio(predicted)),
+                           target_shift_decades=control.total_shift)
+            run.log(_opt1_log(e, cfg.epochs, rec, st, pruner))
+            if dense_acc - ev["accuracy"] > 10 and not any(w.startswith("opt1 epoch") for w in op.warnings):
+                op.warnings.append(f"opt1 epoch {e}: test accuracy {ev['accuracy']:.2f}% is {dense_acc - ev['accuracy']:.1f} "
+                                   f"points below the dense {dense_acc:.2f}% (BatchNorm statistics re-estimated): the "
+                                   "sparsity term or the opt1 learning rate is too strong for this model")
+                run.log(f"warning: {op.warnings[-1]}")
+            stop = pruner.all_decided()
             op.epochs_run = e
             run.end_of_epoch("opt1", e, rec, optimizer=opt)
             return stop
 
         e = start
         if not stopped:
-            before_epoch, after_backward, after_step = opt1_hooks(pruner, cfg)
+            before_epoch, after_backward, after_step = opt1_hooks(pruner, base_gamma, cfg)
             e, stopped = epoch_loop("opt1", cfg.epochs, start=start, model=run.model, optimizer=opt, train_set=run.train_set,
                                     batch_size=cfg.batch_size, seed=cfg.seed, device=run.device, before_epoch=before_epoch,
                                     after_backward=after_backward, after_step=after_step, after_epoch=after_epoch,
                                     progress=cfg.progress, loss_fn=run.loss_fn)
+        op.stop_rule_fired = bool(stopped) if pruner.method.has_stop_rule else None
         op.stopped_because = "all channels decided" if stopped else "epoch budget spent"
         op.epochs_run = e
         final = decision_stats(pruner)
         op.final_catalysts = final
-        op.final_threshold = pruner.method.summary().get("final_threshold")
+        summary = pruner.method.summary()
+        op.final_threshold = summary.get("final_threshold")
+        op.decisions = summary.get("decisions")
         ev = run.evaluate()
         op.accuracy, op.loss, op.samples = ev["accuracy"], ev["loss"], ev["samples"]
     run.advance("prune")
@@ -158,21 +186,27 @@ def prune(run: Run) -> None:
     """Decide, verify against the regularized model, remove physically (in place, through the pruner)."""
     cfg, pruner, model = run.cfg, run.pruner, run.model
     with run.timed("prune"):
+        # re-estimated BatchNorm statistics first: the verification below compares eval-mode outputs
+        acc_reg = run.evaluate()["accuracy"]
         rule = pruner.rule()
         scores = pruner.scores()
         decisions = [Decision(t.name, s, p, u, f) for t, s, (p, u, f) in zip(pruner.targets, scores, rule.decide(scores))]
         robustness = decision_flips(lambda sc: [p for p, _, _ in rule.redecide(sc)], pruner.scores,
                                     pruner.target_set.weights, [d.prune for d in decisions], noise=cfg.noise_level,
                                     draws=cfg.noise_draws, seed=cfg.seed)
-        keep = {d.target: d.keep for d in decisions}
-        # the masked model (removed channels' consumer columns zeroed) has the pruned model's function
-        masked = mask_model(model, pruner.formulation.inner(model, pruner.targets), keep)
+        # --round-to keeps extra (least-pruned) channels; the method's figures (margin, flips, bias) stay the rule's
+        removed = round_widths(decisions, cfg.round_to)
+        keep = {d.target: d.keep for d in removed}
+        # constants that removed channels still feed their consumers (a BN shift left out of the groups) move
+        # into the consumers' biases; the masked model (removed consumer columns zeroed, same folds) has the
+        # pruned model's function
+        folds = pruner.constant_folds(keep)
+        masked = mask_model(model, pruner.formulation.inner(model, pruner.targets), keep, folds=folds)
         x = run.test_batch()
         model.eval(), masked.eval()
         with torch.no_grad():
             y_reg, y_mask = model(x), masked(x)
-        acc_reg = run.evaluate()["accuracy"]
-        summary = pruner.prune(keep)
+        summary = pruner.prune(keep, folds=folds)
         model.eval()
         with torch.no_grad():
             y_pruned = model(x)
@@ -181,8 +215,8 @@ def prune(run: Run) -> None:
         function_err = float((y_pruned - y_reg).abs().max())
         acc_pruned = run.evaluate()["accuracy"]
         per_layer = {d.target: {"channels": d.channels, "kept": int(d.keep.numel()), "pruned": int(d.prune.sum()),
-                                "undecided": int(d.undecided.sum()), "forced_keep": d.forced_keep,
-                                "undecided_indices": d.undecided.nonzero().flatten().tolist()} for d in decisions}
+                                "undecided": int(d.undecided.sum()), "forced_keep": d.forced_keep, "rounded": d.rounded,
+                                "undecided_indices": d.undecided.nonzero().flatten().tolist()} for d in removed}
         statistic = pruner.method.statistic
         report = PruneStageReport(
             method=pruner.method.name, rule=rule.text, statistic=statistic,
@@ -206,15 +240,16 @@ def prune(run: Run) -> None:
                 "function_max_abs_err": function_err, "function_tol": cfg.verify_rtol * max(scale, 1.0),
                 "function_ok": function_err <= cfg.verify_rtol * max(scale, 1.0),
                 "argmax_agreement": float((y_pruned.argmax(1) == y_reg.argmax(1)).float().mean()),
+                "constants_folded": summary.folded,
             },
         )
         # A penalty or learning rate too large for the model collapses it during opt1: say so.
         lost = run.stages.dense.accuracy - acc_reg
         if lost > 10:
             report.warnings.append(
-                f"opt1 lost {lost:.1f} points of test accuracy (dense {run.stages.dense.accuracy:.2f}% -> {acc_reg:.2f}%): "
-                "the sparsity term or the opt1 learning rate is too large for this model; try a smaller --gamma, --c0 "
-                "or --lr")
+                f"opt1 lost {lost:.1f} points of test accuracy (dense {run.stages.dense.accuracy:.2f}% -> {acc_reg:.2f}%, "
+                "BatchNorm statistics re-estimated): the sparsity term or the opt1 learning rate is too large for this "
+                "model; try a smaller --gamma or --opt1-lr, or a longer --epochs budget with --gamma auto")
         for w in report.warnings:
             run.log(f"warning: {w}")
         run.stages.prune = report
@@ -287,8 +322,12 @@ STAGES = (("dense", dense), ("calibrate", calibrate), ("opt1", opt1), ("prune", 
 
 
 def run_stages(run: Run) -> None:
-    """Runs every stage from the one the state is at (a stage that is not reached is skipped)."""
-    for name, stage in STAGES:
+    """Runs every stage from the one the state is at (a stage that is not reached is skipped). Unstructured
+    methods (lats, magnitude) run their own stages (unstructured.py): no channel is removed."""
+    from ..unstructured import is_unstructured
+    from .unstructured import UNSTRUCTURED_STAGES
+
+    for name, stage in UNSTRUCTURED_STAGES if is_unstructured(run.cfg.method) else STAGES:
         if run.state.stage == name:
             stage(run)
 
@@ -300,13 +339,25 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
     cost = None
     if status == "done":
         pruned_cost = {"flops": count_flops(run.model, run.input_shape), "params": count_params(run.model)}
-        lat_dense = measure_latency(run.new_model(), run.input_shape, batch_size=cfg.latency_batch)
-        lat_pruned = measure_latency(run.model, run.input_shape, batch_size=cfg.latency_batch)
-        cost = Cost(dense={**run.dense_cost, "latency": lat_dense}, pruned={**pruned_cost, "latency": lat_pruned},
-                    flops_ratio=run.dense_cost["flops"]["macs"] / pruned_cost["flops"]["macs"],
-                    params_ratio=run.dense_cost["params"] / pruned_cost["params"],
-                    latency_ratio=lat_dense["median_ms"] / lat_pruned["median_ms"],
-                    flops_counting="MACs of Conv2d and Linear layers via forward hooks, one sample; flops = 2 * macs")
+        flops_ratio = run.dense_cost["flops"]["macs"] / pruned_cost["flops"]["macs"]
+        threads = parse_threads(cfg.latency_threads)
+        run.log(f"latency: dense vs pruned, runtimes {cfg.latency}, batch 1 and {cfg.latency_batch}, threads "
+                f"{cfg.latency_threads} (CPU)")
+        table = compare_latency(_dense_model(run), run.model, run.input_shape, batches=(1, cfg.latency_batch),
+                                threads=threads, runtimes=cfg.latency, repeats=cfg.latency_repeats, flops_ratio=flops_ratio,
+                                seed=cfg.seed, log=run.log)
+        head = table.row("eager", cfg.latency_batch, max(threads))  # the headline figure: eager, most threads
+
+        def latency(side):
+            return {"runtime": "eager", "device": "cpu", "batch_size": cfg.latency_batch, "threads": head.threads,
+                    "median_ms": getattr(head, f"{side}_ms"), "p20_ms": getattr(head, f"{side}_p20_ms"),
+                    "p80_ms": getattr(head, f"{side}_p80_ms"), "repeats": head.samples}
+
+        cost = Cost(dense={**run.dense_cost, "latency": latency("dense")}, pruned={**pruned_cost, "latency": latency("pruned")},
+                    flops_ratio=flops_ratio, params_ratio=run.dense_cost["params"] / pruned_cost["params"],
+                    latency_ratio=head.speedup,
+                    flops_counting="MACs of Conv2d and Linear layers via forward hooks, one sample; flops = 2 * macs",
+                    latency_table=table)
     from dataclasses import asdict
 
     accuracy = Accuracy(
@@ -330,15 +381,39 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
         environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
                      **distributed.environment()},
         method=cfg.method, formulation=cfg.formulation, opt2=None if st.opt2 is None else st.opt2.to_dict(), error=error,
+        evaluation=(f"every accuracy with BatchNorm statistics re-estimated on {cfg.bn_recalibration_batches} training "
+                    f"batches of {cfg.batch_size} (no gradient) first" if cfg.bn_recalibration_batches else
+                    "eval mode with the running BatchNorm statistics training left (bn_recalibration_batches = 0)"),
     )
 
 
+def _dense_model(run: Run) -> torch.nn.Module:
+    """A dense model with the run's dense weights (``dense_model.pt``), for the latency comparison."""
+    model = run.new_model()
+    path = run.out / "dense_model.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location=run.device, weights_only=True))
+    return model
+
+
 def write_outputs(run: Run, report: Report) -> Report:
-    """Plots, then ``pruned_model.pt``, then ``report.json`` (each atomic; the report last, so a report on
-    disk always has its model)."""
+    """Plots, then the pruned model (``pruned_model.safetensors`` + ``pruned_model.json``, see
+    :mod:`..serialization`) and its exports (``--export``: ``pruned_model.onnx`` / ``.pt2``, each checked against
+    the eager model on test inputs), then ``report.json`` (each atomic; the report last, so a report on disk
+    always has its model)."""
     if run.cfg.plots:
         report.plots = make_plots(run.out, run.cfg.kappa, run.stages.opt1, run.state.history, run.log)
+    from ..unstructured import is_unstructured
+
     if report.status == "done":
-        save_atomic({"model": run.model, "keep": None if run.pruner is None else run.pruner.history}, run.out / "pruned_model.pt")
+        # Unstructured methods keep every channel: their deliverable is sparse_model.pt (weights + masks).
+        if not is_unstructured(run.cfg.method):
+            save_pruned(run.model, run.out / "pruned_model", pruner=run.pruner, builder=run.inputs.builder)
+        formats = parse_formats(run.cfg.export)
+        if formats:
+            x = run.test_batch()
+            results = export_model(run.model, x[:2], run.out / "pruned_model", formats, check_inputs=x, strict=False,
+                                   log=run.log)
+            report.exports = {fmt: r.to_dict() for fmt, r in results.items()}
     report.to_json(run.out / "report.json")
     return report

@@ -13,7 +13,8 @@ from .. import distributed
 __all__ = ["Diverged", "train_epoch", "epoch_loop", "epoch_seed", "STAGE_SEED"]
 
 # Seeds of each stage's data order; fixed (opt2 came later) so that adding a stage changes no other one.
-STAGE_SEED = {"dense": 0, "calibrate": 1, "opt1": 2, "prune": 3, "finetune": 4, "done": 5, "opt2": 6}
+STAGE_SEED = {"dense": 0, "calibrate": 1, "opt1": 2, "prune": 3, "finetune": 4, "done": 5, "opt2": 6,
+              "sparsify": 7, "masks": 8}
 
 
 class Diverged(RuntimeError):

@@ -1,0 +1,196 @@
+"""The paper's table on digits at 32x32: Catalyst at a target speed-up against random pruning and network
+slimming at the FLOPs ratio Catalyst reached, per model, target, mode and seed.
+
+    python experiments/paper_table.py --setting resnet56_2x            # ResNet-56 at 2x, group and BN mode, 3 seeds
+    python experiments/paper_table.py --setting full                   # + ResNet-56 at 3x and VGG-19-BN at 3x
+    python experiments/paper_table.py --setting targets                # achieved / target at 1.5x, 2x, 3x (Catalyst)
+    python experiments/paper_table.py --setting smoke                  # CI: seconds, figures meaningless
+
+Protocol (every run is ``run_pipeline``, cached and resumable like the other experiments, see ``_runs.py``):
+
+* per (model, seed) one dense model, trained once (``dense_epochs``) by a dense-only run or read from
+  ``--dense-checkpoints DIR/<model>_seed<k>.pt``; every run of that seed starts from it;
+* Catalyst (``--gamma auto``, ``--target-speedup T``, the mode of the row): opt1 for at most ``epochs`` epochs
+  with its stop rule, removal, ``finetune_epochs`` of fine-tuning;
+* network slimming (L1 on BN scales, gamma 0.01 as chosen in ``_runs.GAMMA``) and random pruning (the same
+  opt1 epochs of plain training, then a random order) with ``--target-speedup`` = the FLOPs ratio that Catalyst
+  run reached, the same budgets and fine-tuning. Slimming regularises BN scales whatever the row's mode.
+
+Every accuracy is measured with BatchNorm statistics re-estimated on 8 training batches. Writes
+``results/paper_table_<setting>.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import _runs
+from catalyst_fused.pruning import PruneConfig
+
+
+# epochs (dense, opt1 budget, fine-tuning) per model
+BUDGETS = {"small_cnn": (15, 30, 5), "resnet56": (15, 30, 5), "vgg19_bn": (15, 30, 5)}  # the CLI defaults
+
+
+@dataclass
+class TableSetting:
+    rows: list  # (model, target speed-up)
+    modes: list
+    seeds: dict  # model -> seeds
+    methods: list = field(default_factory=lambda: ["catalyst", "slimming", "random"])
+    budgets: dict = field(default_factory=lambda: dict(BUDGETS))
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+SETTINGS = {
+    "smoke": TableSetting([("small_cnn", 1.5)], ["group", "bn"], {"small_cnn": [0]}, budgets={"small_cnn": (2, 3, 1)},
+                          train_limit=256, test_limit=96, extra={"noise_draws": 1, "latency_batch": 4}),
+    "resnet56_2x": TableSetting([("resnet56", 2.0)], ["group", "bn"], {"resnet56": [0, 1, 2]}),
+    "full": TableSetting([("resnet56", 2.0), ("resnet56", 3.0), ("vgg19_bn", 3.0)], ["group", "bn"],
+                         {"resnet56": [0, 1, 2], "vgg19_bn": [0, 1, 2]}),
+    "targets": TableSetting([(m, t) for m in ("small_cnn", "resnet56") for t in (1.5, 2.0, 3.0)], ["group"],
+                            {"small_cnn": [0, 1, 2], "resnet56": [0]}, methods=["catalyst"]),
+}
+BASELINE_GAMMA = {"slimming": _runs.GAMMA["slimming"], "random": 0.0}
+
+
+def _base(setting: TableSetting, model: str, seed: int, args) -> PruneConfig:
+    dense_epochs, epochs, finetune_epochs = setting.budgets[model]
+    return PruneConfig(model=model, dataset="digits", seed=seed, dense_epochs=dense_epochs, epochs=epochs,
+                       finetune_epochs=finetune_epochs, train_limit=setting.train_limit, test_limit=setting.test_limit,
+                       device=args.device, progress=False, plots=False, **setting.extra)
+
+
+def _dense(setting, model, seed, args, root: Path, log) -> str:
+    if args.dense_checkpoints:
+        path = Path(args.dense_checkpoints) / f"{model}_seed{seed}.pt"
+        if path.is_file():
+            return str(path)
+    cfg = replace(_base(setting, model, seed, args), epochs=0, finetune_epochs=0)
+    cfg = replace(cfg, out=str(root / f"seed{seed}" / f"dense-{_runs.config_key(cfg)}"))
+    _runs._run(cfg, log)
+    return str(Path(cfg.out) / "dense_model.pt")
+
+
+def _record(report, row: dict) -> dict:
+    st, acc, cost = report.stages, report.accuracy, report.cost
+    op = st.opt1
+    pruned = st.prune
+    return dict(row, flops_ratio=cost.flops_ratio, params_ratio=cost.params_ratio,
+                acc_dense=acc.dense, acc_prune_step=acc.regularized, acc_after_removal=acc.after_removal,
+                acc_finetuned=acc.after_finetune, channels_pruned=pruned.channels_pruned, channels=pruned.channels_total,
+                decided_fraction=None if op.final_catalysts is None else op.final_catalysts["fraction_decided"],
+                undecided=pruned.undecided_total, stop_rule_fired=op.stop_rule_fired, opt1_epochs=op.epochs_run,
+                margin=pruned.margin_log10c, function_err=pruned.verification["function_max_abs_err"],
+                max_abs_logit=pruned.verification["max_abs_logit"], wall_s=report.runtime_s["total"],
+                gamma=op.gamma)
+
+
+def collect(args, log=print) -> tuple[TableSetting, list]:
+    setting = SETTINGS[args.setting]
+    modes = args.modes.split(",") if args.modes else setting.modes
+    records = []
+    for model, target in setting.rows:
+        if args.models and model not in args.models.split(","):
+            continue
+        root = Path(args.runs_dir) / f"table-{model}-digits"
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else setting.seeds[model]
+        for seed in seeds:
+            dense = _dense(setting, model, seed, args, root, log)
+            for mode in modes:
+                base = replace(_base(setting, model, seed, args), mode=mode, dense_checkpoint=dense)
+                cat = replace(base, method="catalyst", gamma="auto", target_speedup=target)
+                cat = replace(cat, out=str(root / f"seed{seed}" / f"catalyst-{mode}-{target}x-{_runs.config_key(cat)}"))
+                report = _runs._run(cat, log)
+                row = {"model": model, "target": target, "mode": mode, "seed": seed}
+                records.append(_record(report, dict(row, method="catalyst")))
+                for method in setting.methods:
+                    if method == "catalyst":
+                        continue
+                    b = replace(base, method=method, gamma=BASELINE_GAMMA[method],
+                                target_speedup=report.cost.flops_ratio)
+                    b = replace(b, out=str(root / f"seed{seed}" / f"{method}-{mode}-{target}x-{_runs.config_key(b)}"))
+                    records.append(_record(_runs._run(b, log), dict(row, method=method)))
+    return setting, records
+
+
+def _cell(records, key, digits=2):
+    return _runs.fmt([r[key] for r in records], digits)
+
+
+def table(records: list) -> str:
+    lines = ["| model | target | mode | method | runs | FLOPs ratio | acc. dense | at prune step | after removal | "
+             "after fine-tune | decided | stop rule fired | margin (decades) | opt1 epochs | wall (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["model"], r["target"], r["mode"], r["method"]) for r in records))
+    for model, target, mode, method in keys:
+        rs = [r for r in records if (r["model"], r["target"], r["mode"], r["method"]) == (model, target, mode, method)]
+        fired = [r["stop_rule_fired"] for r in rs]
+        fired_text = "-" if all(f is None for f in fired) else f"{sum(bool(f) for f in fired)}/{len(fired)}"
+        decided = "-" if method != "catalyst" else _cell(rs, "decided_fraction")
+        margin = "-" if method != "catalyst" else _cell(rs, "margin")
+        lines.append(f"| {model} | {target}x | {mode} | {method} | {len(rs)} | {_cell(rs, 'flops_ratio')}x | "
+                     f"{_cell(rs, 'acc_dense')} | {_cell(rs, 'acc_prune_step')} | {_cell(rs, 'acc_after_removal')} | "
+                     f"{_cell(rs, 'acc_finetuned')} | {decided} | {fired_text} | {margin} | {_cell(rs, 'opt1_epochs', 1)} | "
+                     f"{_runs.fmt([r['wall_s'] / 60 for r in rs], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def target_table(records: list) -> str:
+    lines = ["| model | mode | target | runs | achieved | achieved / target | stop rule fired | acc. at prune step -> after removal |",
+             "|---|---|---|---|---|---|---|---|"]
+    cat = [r for r in records if r["method"] == "catalyst"]
+    for model, mode, target in dict.fromkeys((r["model"], r["mode"], r["target"]) for r in cat):
+        rs = [r for r in cat if (r["model"], r["mode"], r["target"]) == (model, mode, target)]
+        lines.append(f"| {model} | {mode} | {target}x | {len(rs)} | {_cell(rs, 'flops_ratio')}x | "
+                     f"{_runs.fmt([r['flops_ratio'] / target for r in rs], 3)} | "
+                     f"{sum(bool(r['stop_rule_fired']) for r in rs)}/{len(rs)} | {_cell(rs, 'acc_prune_step')} -> "
+                     f"{_cell(rs, 'acc_after_removal')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=list(SETTINGS), default="resnet56_2x")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the setting's seeds")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the setting's models")
+    parser.add_argument("--modes", default=None, help="comma-separated subset of the setting's modes")
+    parser.add_argument("--dense-checkpoints", default=None,
+                        help="a directory with <model>_seed<k>.pt dense weights to start from instead of training them")
+    parser.add_argument("--runs-dir", default=str(_runs.HERE / "runs"))
+    parser.add_argument("--results-dir", default=str(_runs.HERE / "results"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-write", action="store_true", help="make the runs only (a partial launch); no tables")
+    args = parser.parse_args(argv)
+    setting, records = collect(args)
+    if args.no_write:
+        return 0
+    md = ("Mean ± std over seeds. Accuracies (%) with BatchNorm statistics re-estimated; 'at prune step' is the "
+          "regularized model right before removal, 'after removal' the physically smaller model before fine-tuning. "
+          "Baselines are pruned to the FLOPs ratio of the Catalyst run of the same seed and mode. 'decided': fraction "
+          "of channels Catalyst decided by itself or at the end of its budget (every other channel is kept). Wall "
+          "time on a shared 2-core CPU.\n\n" + table(records))
+    if args.setting == "targets" or len({r["target"] for r in records}) > 1:
+        md += "\nAchieved / target FLOPs ratio (Catalyst):\n\n" + target_table(records)
+    models = sorted({m for m, _ in setting.rows})
+    header = (f"<!-- generated by experiments/paper_table.py --setting {args.setting}; do not edit -->\n"
+              f"Setting `{args.setting}` on digits: " + "; ".join(
+                  f"{m} seeds {setting.seeds[m]}, epochs dense/opt1 budget/fine-tune {'/'.join(map(str, setting.budgets[m]))}"
+                  for m in models)
+              + ("" if setting.train_limit is None else f", first {setting.train_limit} training samples")
+              + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}.\n\n")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"paper_table_{args.setting}.md").write_text(header + md)
+    (out / f"paper_table_{args.setting}.json").write_text(_runs.json.dumps(
+        {"environment": _runs.environment(), "setting": args.setting, "records": records}, indent=1, default=float))
+    print(header + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
