@@ -20,7 +20,7 @@ not fused; not run here: no GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
