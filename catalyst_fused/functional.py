@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import operators, reference
+from . import operators, reference, sharded
 from .backends import triton_ops
 from ._validation import (
     as_tensor_list,
@@ -144,6 +144,11 @@ def penalty(
     Non-contiguous weights are copied (``.contiguous()``) before the kernel runs.
     """
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
+    if sharded.is_sharded(weights):  # DTensor weights (FSDP2): partial sums, one all-reduce, finish
+        stats = PenaltyStats(*sharded.penalty(weights, catalysts, layout=layout, backend=backend))
+        if nan_policy == "raise":
+            raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
+        return stats if return_stats else stats.penalty
     impl = resolve_backend(backend, weights[0].device)
     if impl != "cpp":  # the C++ operators run these checks themselves
         check_penalty_args(weights, catalysts, per_row=layout is None)
@@ -185,6 +190,11 @@ def penalty_(
     """
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
     scale = check_scale(scale)
+    if sharded.is_sharded(weights):  # DTensor weights (FSDP2): partial sums, one all-reduce, finish
+        stats = PenaltyStats(*sharded.penalty_(weights, catalysts, scale=scale, layout=layout, backend=backend))
+        if nan_policy == "raise":
+            raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
+        return stats
     impl = resolve_backend(backend, weights[0].device)
     weight_index = check_leaf(weights, "weights")
     catalyst_index = check_leaf(catalysts, "catalysts")

@@ -9,6 +9,11 @@ Operators (schemas in csrc/penalty.cpp):
 * ``catalyst_fused::penalty_accumulate_selected_(weights, catalysts, weight_grads!, weight_index,
   catalyst_grads!, catalyst_index, scale, plan) -> (penalty, norms, ratios)``: the same for the tensors
   listed in the indices only (the others are read but get no gradient)
+* ``catalyst_fused::penalty_partial_sums(weights, catalysts, plan) -> sums`` and
+  ``catalyst_fused::penalty_finish_(weights, catalysts, weight_grads!, weight_index, catalyst_grads!,
+  catalyst_index, scale, plan, sums) -> (penalty, norms, ratios)``: the two halves of the in-place op for
+  sharded weights (every group's sum of squares over the local slices; then, from the sums all-reduced
+  across processes, the statistics and the gradients of the local slices); see :mod:`catalyst_fused.sharded`
 * ``catalyst_fused::release_cached_memory()``: frees the scratch and gradient buffers the CPU kernels keep
   between calls
 
@@ -85,6 +90,16 @@ def _register() -> None:
         ):
             if len(grads) != len(index) or any(not 0 <= j < len(like) for j in index):
                 raise ValueError(f"catalyst_fused: {name} and its index do not match the tensors they belong to")
+        return stats_like(weights, catalysts)
+
+    @torch.library.register_fake("catalyst_fused::penalty_partial_sums")
+    def _penalty_partial_sums_fake(weights, catalysts, plan):
+        check_plan(weights, catalysts, plan)
+        return stats_like(weights, catalysts)[1]
+
+    @torch.library.register_fake("catalyst_fused::penalty_finish_")
+    def _penalty_finish_fake(weights, catalysts, weight_grads, weight_index, catalyst_grads, catalyst_index, scale, plan, sums):
+        check_plan(weights, catalysts, plan)
         return stats_like(weights, catalysts)
 
 

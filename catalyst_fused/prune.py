@@ -209,15 +209,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .pruning import distributed
     from .pruning.workflow import OutputBusyError, run_pipeline
 
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     try:
+        # under torchrun: one process per device, gloo on CPU / nccl on CUDA (pruning/distributed.py)
+        distributed.init_from_env(cfg.device)
         result = run_pipeline(cfg, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
     except (ValueError, FileNotFoundError, OutputBusyError) as exc:
         parser.error(str(exc))
+    finally:
+        distributed.shutdown()
     if result.status == "diverged":
         print(f"error: {result.error} (report: {cfg.out}/report.json)", file=sys.stderr)
         return 1

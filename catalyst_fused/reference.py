@@ -26,6 +26,8 @@ __all__ = [
     "penalty_with_stats",
     "penalty",
     "penalty_",
+    "partial_sums",
+    "finish_",
     "eager_penalty",
     "eager_group_penalty",
 ]
@@ -110,6 +112,40 @@ def penalty_(weights, catalysts, weight_grads, catalyst_grads, scale: float = 1.
             if g is not None:
                 g.add_(new.to(g.dtype), alpha=scale)
     return value.detach(), norms, ratios
+
+
+def partial_sums(weights, catalysts, layout=None) -> torch.Tensor:
+    """Reference of ``penalty_partial_sums``: every group's sum of squares over these tensors (sharded
+    weights: the slices one process holds; ``layout`` is then anything with a ``members`` table, which may
+    leave groups uncovered: their sums are 0)."""
+    with torch.no_grad():
+        return _sum_of_squares(list(weights), list(catalysts), layout)
+
+
+def finish_(weights, catalysts, weight_grads, catalyst_grads, scale: float, layout, sums: torch.Tensor):
+    """Reference of ``penalty_finish_``: ``n = sqrt(sums)`` (sums reduced over every process), the penalty,
+    norms and ratios from them, and ``scale * dR/dd`` / ``scale * dR/dW`` added into the given buffers
+    (``None``: no gradient), where ``dR/dW = |d| / n * W`` for the slices these tensors hold."""
+    weights, catalysts = list(weights), list(catalysts)
+    n = _safe_sqrt(sums)
+    d = torch.cat([c.detach().reshape(-1) for c in catalysts]).to(n.dtype)
+    abs_d = d.abs()
+    sign = torch.where(torch.isnan(d), d, torch.sign(d))
+    factor = torch.where(n == 0, abs_d * 0, abs_d / n)  # the kernels' subgradient convention (NaN stays NaN)
+    local = [w.detach().requires_grad_(True) for w in weights]
+    with torch.enable_grad():
+        surrogate = (0.5 * factor * _sum_of_squares(local, catalysts, layout)).sum()  # d/dW = factor * W
+        grads = torch.autograd.grad(surrogate, local, allow_unused=True, materialize_grads=True)
+    with torch.no_grad():
+        for g, new in zip(weight_grads, grads):
+            if g is not None:
+                g.add_(new.to(g.dtype), alpha=scale)
+        for g, part in zip(catalyst_grads, torch.split(sign * n, [c.numel() for c in catalysts])):
+            if g is not None:
+                g.add_(part.to(g.dtype), alpha=scale)
+    zero_ratio = torch.where(torch.isnan(abs_d), abs_d, torch.full_like(n, float("inf")))
+    ratios = torch.where(n == 0, zero_ratio, abs_d / n)
+    return (abs_d * n).sum(), n, ratios
 
 
 def eager_penalty(weights: Sequence[torch.Tensor], catalysts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,16 @@ TORCH_LIBRARY(catalyst_fused, m) {
       "penalty_accumulate_selected_(Tensor[] weights, Tensor[] catalysts, Tensor(a!)[] weight_grads, "
       "int[] weight_index, Tensor(b!)[] catalyst_grads, int[] catalyst_index, float scale, Tensor? plan) "
       "-> (Tensor, Tensor, Tensor)");
+  // Sharded weights (DTensor / FSDP2): every group's sum of squares over the slices these (local) tensors
+  // hold, in the accumulation dtype. The caller all-reduces the flat vector across processes.
+  m.def("penalty_partial_sums(Tensor[] weights, Tensor[] catalysts, Tensor? plan) -> Tensor");
+  // ... and finishes from the reduced sums: like penalty_accumulate_selected_ (gradient buffers for the
+  // tensors the indices list), with n = sqrt(sums) instead of the norms of these tensors. Returns
+  // (penalty, norms, ratios).
+  m.def(
+      "penalty_finish_(Tensor[] weights, Tensor[] catalysts, Tensor(a!)[] weight_grads, int[] weight_index, "
+      "Tensor(b!)[] catalyst_grads, int[] catalyst_index, float scale, Tensor? plan, Tensor sums) "
+      "-> (Tensor, Tensor, Tensor)");
   // Frees the memory the CPU kernels keep between calls (scratch buffers, recycled gradient buffers).
   m.def("release_cached_memory() -> ()", &catalyst_fused::cpu::release_cached_memory);
 }

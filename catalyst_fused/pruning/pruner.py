@@ -58,6 +58,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .control import FORCE_FRACTION, FlopsModel
 from .dynamics import AUTO_GAMMA_OFFSET, auto_gamma, effective_rate, reachable_log10, steps_to_decide
 from .methods import Decision, PruningMethod, RuleContext, get_method, round_widths
@@ -585,6 +586,7 @@ class Pruner:
         else:
             keep_idx = {k: v for k, v in self._keep_from(keep).items() if v.numel() < next(
                 t.channels for t in self.targets if t.name == k)}
+        distributed.check_agreement(keep_idx)  # under torch.distributed: every rank removes the same channels
         macs_before = count_flops(self.model, self.example_inputs)["macs"]
         params_before = count_params(self.model)
         optimizers = list(self._optimizers)

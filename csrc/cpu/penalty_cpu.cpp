@@ -304,7 +304,8 @@ Scratch<acc_t> carve(cpu::Workspace& ws, const Plan& plan, const Schedule& s, bo
 // weight-gradient factor scale * |d| / n for the gradient pass.
 template <typename scalar_t, typename acc_t>
 acc_t norm_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x, at::TensorList tensors,
-                at::TensorList catalysts, acc_t* norms, acc_t* ratios, scalar_t* const* catalyst_grads, acc_t scale) {
+                at::TensorList catalysts, acc_t* norms, acc_t* ratios, scalar_t* const* catalyst_grads, acc_t scale,
+                bool sums_only = false) {
   const auto weights = data_pointers<scalar_t>(tensors);
   const auto cats = data_pointers<scalar_t>(catalysts);
   // Rows of empty tensors (shape [N, 0, ...]) have no block: their sums are 0.
@@ -374,6 +375,10 @@ acc_t norm_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x, at
         for (int64_t b = 0; b < blocks; ++b) total += partial[b * info.columns + j];
         sq[first + j / m.width] += total;
       }
+    }
+    if (sums_only) {  // penalty_partial_sums: the sums of squares are the result (sharded weights)
+      x.penalty[c] = 0.0;
+      return;
     }
     const scalar_t* d = cats[seg];
     scalar_t* gd = catalyst_grads != nullptr ? catalyst_grads[seg] : nullptr;
@@ -606,9 +611,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_selected_cpu(
                     prepared->plan, prepared->schedule);
 }
 
+// Sharded weights (DTensor / FSDP2), step 1: every group's sum of squares over the slices this process
+// holds; the caller all-reduces them (one flat vector) and calls penalty_finish_.
+at::Tensor penalty_partial_sums_cpu(at::TensorList tensors, at::TensorList catalysts,
+                                    const c10::optional<at::Tensor>& plan_table) {
+  const auto prepared = prepare(tensors, catalysts, plan_table);
+  const Plan& plan = prepared->plan;
+  const Schedule& schedule = prepared->schedule;
+  const auto options = tensors[0].options().dtype(accumulation_dtype(tensors[0].scalar_type()));
+  at::Tensor sums = at::empty({plan.num_groups}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "penalty_partial_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cpu::Workspace ws(scratch_bytes<acc_t>(plan, schedule, true, false));
+    const auto x = carve<acc_t>(ws, plan, schedule, true, false);
+    norm_pass<scalar_t, acc_t>(plan, schedule, x, tensors, catalysts, sums.mutable_data_ptr<acc_t>(), nullptr, nullptr,
+                               acc_t(1), /*sums_only=*/true);
+  });
+  return sums;
+}
+
+// Step 2: n = sqrt(sums) from the reduced sums, then what penalty_accumulate_ does from there: norms,
+// ratios, the penalty (the same on every process: catalysts and reduced sums are), scale * dR/dd into the
+// catalyst buffers and scale * dR/dW into the buffers of the slices this process holds.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_finish_cpu(
+    at::TensorList tensors, at::TensorList catalysts, at::TensorList weight_grads, at::IntArrayRef weight_index,
+    at::TensorList catalyst_grads, at::IntArrayRef catalyst_index, double scale, const c10::optional<at::Tensor>& plan_table,
+    const at::Tensor& sums) {
+  const auto prepared = prepare(tensors, catalysts, plan_table, /*check_memory=*/false);
+  const Plan& plan = prepared->plan;
+  const Schedule& schedule = prepared->schedule;
+  check_selection(weight_grads, weight_index, tensors, "weight_grads", "weight_index", "weights", false);
+  check_selection(catalyst_grads, catalyst_index, catalysts, "catalyst_grads", "catalyst_index", "catalysts", false);
+  check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", weight_grads},
+                  {"catalyst_grads", catalyst_grads}});
+  const auto acc_type = accumulation_dtype(tensors[0].scalar_type());
+  TORCH_CHECK_VALUE(sums.dim() == 1 && sums.numel() == plan.num_groups && sums.scalar_type() == acc_type &&
+                        sums.is_contiguous() && sums.device() == tensors[0].device(),
+                    "catalyst_fused: sums must be the contiguous ", dtype_name(acc_type), " [", plan.num_groups,
+                    "] tensor of reduced penalty_partial_sums, got ", dtype_name(sums.scalar_type()), " ", sums.sizes());
+  const auto options = tensors[0].options().dtype(acc_type);
+  at::Tensor norms = at::empty({plan.num_groups}, options);
+  at::Tensor ratios = at::empty({plan.num_groups}, options);
+  at::Tensor penalty;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "penalty_finish_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t sc = static_cast<acc_t>(scale);
+    cpu::Workspace ws(scratch_bytes<acc_t>(plan, schedule, false, true));
+    const auto x = carve<acc_t>(ws, plan, schedule, false, true);
+    auto gd = gradient_pointers<scalar_t>(catalyst_grads, catalyst_index, catalysts.size());
+    const acc_t* sq = sums.const_data_ptr<acc_t>();
+    acc_t* n_out = norms.mutable_data_ptr<acc_t>();
+    acc_t* r_out = ratios.mutable_data_ptr<acc_t>();
+    double total = 0.0;  // segments and groups in order: the same value on every process
+    for (size_t seg = 0; seg < catalysts.size(); ++seg) {
+      const scalar_t* d = catalysts[seg].const_data_ptr<scalar_t>();
+      scalar_t* g = gd[seg];
+      const int64_t seg0 = plan.segment_offsets[seg];
+      for (int64_t j = 0; j < plan.segment_offsets[seg + 1] - seg0; ++j) {
+        const acc_t n = std::sqrt(sq[seg0 + j]);
+        const acc_t dj = static_cast<acc_t>(d[j]);
+        const acc_t abs_d = std::abs(dj);
+        n_out[seg0 + j] = n;
+        r_out[seg0 + j] = catalyst_ratio(abs_d, n);
+        total += static_cast<double>(abs_d) * static_cast<double>(n);
+        if (g != nullptr) g[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) + sc * catalyst_grad(dj, n));
+        x.factor[seg0 + j] = sc * weight_grad_scale(abs_d, n);
+      }
+    }
+    auto gw = gradient_pointers<scalar_t>(weight_grads, weight_index, tensors.size());
+    gradient_pass</*kAccumulate=*/true, scalar_t, acc_t>(plan, schedule, x, tensors, gw.data());
+    penalty = at::scalar_tensor(static_cast<acc_t>(total), options);
+  });
+  return {penalty, norms, ratios};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(catalyst_fused, CPU, m) {
+  m.impl("penalty_partial_sums", &penalty_partial_sums_cpu);
+  m.impl("penalty_finish_", &penalty_finish_cpu);
   m.impl("penalty_forward", &penalty_forward_cpu);
   m.impl("penalty_backward", &penalty_backward_cpu);
   m.impl("penalty_accumulate_", &penalty_accumulate_cpu);

@@ -68,6 +68,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .. import distributed
 from ..formulations import FORMULATIONS
 from ..unstructured import is_unstructured
 from .calibration import gamma_t
@@ -104,6 +105,7 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
     """
     out = Path(config.out)
     state = None
+    log = distributed.main_only(log)  # under torch.distributed: rank 0 logs (every rank runs the same steps)
     if resume:
         state = load_checkpoint(out / "checkpoint.pt")
         saved = PruneConfig.from_dict(state.config)
@@ -123,7 +125,7 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
     if (train_data is None) != (test_data is None):
         raise ValueError("run_pipeline: give both train_data and test_data, or neither")
     out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
+    with distributed.output_lock(out):  # OutputLock, held by rank 0 under torch.distributed
         inputs = RunInputs.from_objects(config, model, train_data, test_data, example_inputs, loss_fn)
         run = Run(config, state, inputs, log=log, stop_after_epochs=stop_after_epochs)
         dropped = "; ".join(f"{', '.join(e['producers'])}: {e['reason']}" for e in run.excluded) or "none"
@@ -138,9 +140,14 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
             return Interrupted(stop.stage, stop.epoch)
         except Diverged as exc:
             log(f"error: {exc}")
-            return write_outputs(run, final_report(run, status="diverged", error=str(exc)))
-        report = write_outputs(run, final_report(run))
+            return _write_outputs(run, final_report(run, status="diverged", error=str(exc)))
+        report = _write_outputs(run, final_report(run))
         acc, cost = report.accuracy, report.cost
         log(f"done: acc dense {acc.dense:.2f}% -> finetuned {acc.after_finetune:.2f}%, FLOPs {cost.flops_ratio:.2f}x, "
             f"params {cost.params_ratio:.2f}x, latency {cost.latency_ratio:.2f}x; report {out / 'report.json'}")
         return report
+
+
+def _write_outputs(run: Run, report: Report) -> Report:
+    """Output files from rank 0 only (the report is the same on every rank)."""
+    return write_outputs(run, report) if distributed.is_main() else report

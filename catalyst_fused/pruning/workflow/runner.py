@@ -25,6 +25,7 @@ from torch.utils.data import Subset
 
 from ...data import load_dataset, make_loader
 from ...models import build_model
+from .. import distributed
 from ..bn import recalibrate_bn
 from ..metrics import count_flops, count_params, evaluate
 from ..pruner import Pruner
@@ -75,7 +76,10 @@ class RunState:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename: a crash never leaves a torn file."""
+    """``torch.save`` through a temporary file and a rename: a crash never leaves a torn file. Under
+    torch.distributed only rank 0 writes (every rank holds the same state)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -235,7 +239,7 @@ class Run:
         self.log = log
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "checkpoint.pt"
-        self.device = torch.device(cfg.device)
+        self.device = distributed.local_device(cfg.device)  # cuda -> cuda:LOCAL_RANK under torchrun
         self._stop_after = stop_after_epochs
         self._epochs_this_call = 0
         self.inputs = inputs

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import distributed
 from ..methods import decision_flips, get_method, round_widths, spearman
 from ..export import export_model, parse_formats
 from ..latency import compare_latency, parse_threads
@@ -377,7 +378,8 @@ def final_report(run: Run, *, status: str = "done", error: Optional[str] = None)
         magnitude_bias=None if st.prune is None else st.prune.magnitude_bias,
         undecided_total=None if st.prune is None else st.prune.undecided_total,
         history=run.state.history, runtime_s=dict(elapsed, total=sum(elapsed.values())),
-        environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        environment={"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+                     **distributed.environment()},
         method=cfg.method, formulation=cfg.formulation, opt2=None if st.opt2 is None else st.opt2.to_dict(), error=error,
         evaluation=(f"every accuracy with BatchNorm statistics re-estimated on {cfg.bn_recalibration_batches} training "
                     f"batches of {cfg.batch_size} (no gradient) first" if cfg.bn_recalibration_batches else

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...data import make_loader
+from .. import distributed
 
 __all__ = ["Diverged", "train_epoch", "epoch_loop", "epoch_seed", "STAGE_SEED"]
 
@@ -64,7 +64,7 @@ def train_epoch(model: nn.Module, loader, optimizer, device, *, after_backward: 
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = crit(model(x), y)
-        value = loss.item()
+        value = distributed.global_mean(loss)  # under DDP: the global batch's loss, one verdict for all ranks
         if not math.isfinite(value):
             raise Diverged(where[0], where[1], f"the training loss is {value} at step {step}")
         loss.backward()
@@ -90,9 +90,13 @@ def epoch_loop(stage: str, epochs: int, *, start: int, model: nn.Module, optimiz
     while e < epochs:
         if before_epoch is not None:
             before_epoch(e)
-        loader = make_loader(train_set, batch_size, shuffle=True, seed=epoch_seed(seed, stage, e))
-        rec = train_epoch(model, loader, optimizer, device, after_backward=after_backward, after_step=after_step,
-                          progress=progress, desc=f"{stage} {e + 1}/{epochs}", where=(stage, e + 1), loss_fn=loss_fn)
+        # under torch.distributed: this rank's share of the seeded order, through a DDP wrapper (distributed.py)
+        loader = distributed.epoch_loader(train_set, batch_size, epoch_seed(seed, stage, e))
+        distributed.seed_epoch(epoch_seed(seed, stage, e))
+        rec = train_epoch(distributed.training_model(model), loader, optimizer, device, after_backward=after_backward,
+                          after_step=after_step, progress=progress and distributed.is_main(),
+                          desc=f"{stage} {e + 1}/{epochs}", where=(stage, e + 1), loss_fn=loss_fn)
+        distributed.sync_buffers(model)
         bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             raise Diverged(stage, e + 1, f"parameter {bad} holds NaN or infinite values")
