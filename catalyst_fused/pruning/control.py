@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .dynamics import Coverage, CorrectedStats
-from .targets import example_batch, run_example
+from .targets import run_example_observed
 
 __all__ = ["FORCE_FRACTION", "FlopsModel", "CatalystControl", "UNDECIDED", "PRUNED", "KEPT"]
 
@@ -71,16 +71,7 @@ class FlopsModel:
             return count
 
         handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                run_example(model, example_batch(model, example_inputs))
-        finally:
-            for h in handles:
-                h.remove()
-            for m, training in modes.items():
-                m.training = training
+        run_example_observed(model, example_inputs, handles)
         names = list(macs)
         index = {n: i for i, n in enumerate(names)}
         sizes = [t.channels for t in targets]

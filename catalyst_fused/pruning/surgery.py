@@ -359,7 +359,7 @@ def constant_inputs(model: nn.Module, targets: Sequence[Target], keep: Mapping[s
     Exact for consumers that mix positions only through sums the constant enters everywhere (``Linear``,
     1x1 or unpadded convolutions); a zero-padded convolution sees fewer copies of the constant at the image
     border, which a bias cannot express: there the fold is exact in the interior only."""
-    from .targets import example_batch, run_example
+    from .targets import run_example_observed
 
     modules = dict(model.named_modules())
     # consumer input columns of convolutions and linear layers (other consumers carry no foldable bias)
@@ -377,16 +377,7 @@ def constant_inputs(model: nn.Module, targets: Sequence[Target], keep: Mapping[s
         return read
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n, r in removed.items() if bool(r.any())]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_example(model, example_batch(model, example_inputs))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    run_example_observed(model, example_inputs, handles)
     return seen
 
 

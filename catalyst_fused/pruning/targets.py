@@ -440,6 +440,21 @@ def run_example(model: nn.Module, example):
     return model(example)
 
 
+def run_example_observed(model: nn.Module, example_inputs, handles) -> None:
+    """One no-grad, eval-mode forward of ``example_inputs`` for the hooks behind ``handles`` to observe; the
+    hooks are removed and every module's training flag restored afterwards, also on error."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_example(model, example_batch(model, example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+
+
 def _ignored_names(model: nn.Module, ignored_layers) -> set:
     """Names of every module in or under ``ignored_layers`` (modules or names of ``model``)."""
     if not ignored_layers:
