@@ -99,3 +99,16 @@ def assert_resumed_run_equals_straight_run(straight_dir, resumed_dir, straight, 
     assert straight.accuracy == resumed.accuracy
     assert straight.per_layer_kept == resumed.per_layer_kept
     assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+
+
+def no_loss_steps(pruner, model, opt, steps: int) -> None:
+    """``steps`` optimizer steps on ``gamma * R`` alone (zero loss gradients) through the pruner's step calls:
+    the catalysts' decision dynamics without a task loss."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        pruner.regularize()
+        opt.step()
+        pruner.after_step()

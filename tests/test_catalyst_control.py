@@ -10,16 +10,7 @@ from catalyst_fused.models import build_model
 from catalyst_fused.pruning import recalibrate_bn
 from catalyst_fused.pruning.control import KEPT, PRUNED, UNDECIDED
 
-
-def _no_loss_steps(pruner, model, opt, steps):
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=False)
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        pruner.regularize()
-        opt.step()
-        pruner.after_step()
+from _helpers import no_loss_steps
 
 
 def test_decided_channels_stay_decided_and_their_catalysts_frozen():
@@ -38,7 +29,7 @@ def test_decided_channels_stay_decided_and_their_catalysts_frozen():
     control = pruner.method.control
     counts = []
     for _ in range(30):
-        _no_loss_steps(pruner, model, opt, 20)
+        no_loss_steps(pruner, model, opt, 20)
         counts.append(int((control.state != UNDECIDED).sum()))
     assert counts == sorted(counts) and counts[-1] == control.state.numel()
     assert pruner.all_decided()
@@ -50,7 +41,7 @@ def test_decided_channels_stay_decided_and_their_catalysts_frozen():
         bn.weight[0] = 10.0
         bn.bias[0] = 10.0
     assert float(pruner.scores()[0][0]) < 0
-    _no_loss_steps(pruner, model, opt, 5)
+    no_loss_steps(pruner, model, opt, 5)
     assert control.state[0] == PRUNED and bool(pruner.decisions()[0].prune[0])
     torch.testing.assert_close(torch.cat([d.detach() for d in pruner.catalysts]), frozen, rtol=0, atol=0)
     # the stop rule waits until a just-decided group had time to shrink
@@ -65,10 +56,10 @@ def test_the_end_of_the_budget_decides_every_channel_by_its_side():
         for d in pruner.catalysts:
             d[: d.numel() // 4] *= 1.001
     opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
-    _no_loss_steps(pruner, model, opt, 39)
+    no_loss_steps(pruner, model, opt, 39)
     control = pruner.method.control
     assert int((control.state == UNDECIDED).sum()) == control.state.numel()  # far too slow to decide by itself
-    _no_loss_steps(pruner, model, opt, 1)  # step 40 = 80% of the budget
+    no_loss_steps(pruner, model, opt, 1)  # step 40 = 80% of the budget
     assert pruner.force_step == 40 and not bool((control.state == UNDECIDED).any()) and bool(control.forced.all())
     s = torch.cat(pruner.scores())
     assert bool((s[control.state == PRUNED] >= 1.0 - 1e-6).all()) and bool((s[control.state == KEPT] <= -1.0 + 1e-6).all())

@@ -15,6 +15,8 @@ from catalyst_fused.pruning.metrics import count_flops
 from catalyst_fused.pruning.surgery import prune_model
 from catalyst_fused.pruning.targets import build_target_set, find_targets
 
+from _helpers import no_loss_steps
+
 
 def _coverage_counts(ts):
     """How many groups hold each element, from the layout's member table (independent of the kernels)."""
@@ -61,13 +63,7 @@ def _no_loss_flow(pruner, model, steps):
     opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
     extremes = []
     for step in range(steps):
-        opt.zero_grad(set_to_none=False)
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        pruner.regularize()
-        opt.step()
-        pruner.after_step()
+        no_loss_steps(pruner, model, opt, 1)
         if step % 20 == 19:
             s = torch.cat(pruner.scores())
             extremes.append((float(s.min()), float(s.max())))
