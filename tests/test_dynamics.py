@@ -136,11 +136,13 @@ def test_steps_to_decide_and_auto_gamma_agree():
         auto_gamma(0, lr=0.01, momentum=0.9, k_mean=1.7, kappa=1.0)
 
 
-@pytest.mark.parametrize("name", ["resnet56", "small_cnn", "vgg19_bn"])
+# mobilenetv2_cifar: depthwise convolutions; vit_cifar: heads (several rows per channel) and
+# nn.MultiheadAttention's projections, which run functionally, not as modules
+@pytest.mark.parametrize("name", ["resnet56", "small_cnn", "vgg19_bn", "mobilenetv2_cifar", "vit_cifar"])
 def test_flops_model_matches_counting_the_pruned_model(name):
     torch.manual_seed(0)
-    channels, size = (1, 8) if name == "small_cnn" else (3, 32)
-    model = build_model(name, num_classes=10, in_channels=channels)
+    channels, size = {"small_cnn": (1, 8), "mobilenetv2_cifar": (3, 8), "vit_cifar": (3, 8)}.get(name, (3, 32))
+    model = build_model(name, num_classes=10, in_channels=channels, image_size=size)
     targets = find_targets(model, (channels, size, size))
     fm = FlopsModel(model, targets, (channels, size, size))
     dense = count_flops(model, (channels, size, size))["macs"]

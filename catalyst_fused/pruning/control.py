@@ -49,9 +49,11 @@ UNDECIDED, PRUNED, KEPT = 0, 1, -1
 
 class FlopsModel:
     """The multiply-accumulates of ``model`` (as :func:`~.metrics.count_flops` counts them: every ``Conv2d``
-    and ``Linear``) as a function of per-channel prune masks over ``targets``, without running the model:
-    ``macs = sum_m macs_m (kept_in_m / in_m) (kept_out_m / out_m)`` (a depthwise convolution scales with its
-    channels once). Built with one forward pass.
+    and ``Linear``, and the input and output projections of ``nn.MultiheadAttention``) as a function of
+    per-channel prune masks over ``targets``, without running the model:
+    ``macs = sum_m macs_m (kept_in_m / in_m) (kept_out_m / out_m)``, counting the rows and columns each
+    channel takes from ``m`` (``width`` of them for a head or a flattened map; a depthwise convolution scales
+    with its channels once). Built with one forward pass.
 
     Raises:
         ValueError: when a target reaches a grouped (not depthwise) convolution, whose cost after a removal
@@ -60,51 +62,59 @@ class FlopsModel:
 
     def __init__(self, model: nn.Module, targets: Sequence, example_inputs):
         modules = dict(model.named_modules())
-        macs: dict[str, float] = {}
+        # unit name -> [MACs, rows, columns, depthwise]; an attention module is two units: its packed
+        # input projection (under its own name) and its output projection (called functionally, not as a module)
+        units: dict[str, list] = {}
+
+        def add(name, macs, rows, cols, depthwise=False):
+            units.setdefault(name, [0.0, rows, cols, depthwise])[0] += macs
 
         def hook(name):
             def count(m, inp, out):
                 if isinstance(m, nn.Conv2d):
-                    macs[name] = macs.get(name, 0.0) + out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-                else:
-                    macs[name] = macs.get(name, 0.0) + m.in_features * m.out_features * (out[0].numel() // m.out_features)
+                    macs = out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+                    add(name, macs, m.out_channels, m.in_channels, m.groups > 1)
+                elif isinstance(m, nn.Linear):
+                    add(name, m.in_features * m.out_features * (out[0].numel() // m.out_features), m.out_features, m.in_features)
+                elif m.in_proj_weight is not None:  # nn.MultiheadAttention, as count_flops counts it
+                    q = inp[0]
+                    length = q.shape[0] if q.dim() == 2 or not m.batch_first else q.shape[1]
+                    add(name, length * m.in_proj_weight.numel(), *m.in_proj_weight.shape)
+                    add(f"{name}.out_proj", length * m.out_proj.weight.numel(), *m.out_proj.weight.shape)
             return count
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
+                   if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]
         run_example_observed(model, example_inputs, handles)
-        names = list(macs)
+        names = list(units)
         index = {n: i for i, n in enumerate(names)}
         sizes = [t.channels for t in targets]
         total = sum(sizes)
-        self.macs_dense = torch.tensor([macs[n] for n in names], dtype=torch.float64)
+        self.macs_dense = torch.tensor([units[n][0] for n in names], dtype=torch.float64)
         self.total = float(self.macs_dense.sum())
-        c_in, c_out, depthwise = [], [], []
-        for n in names:
-            m = modules[n]
-            i, o = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
-            c_in.append(i)
-            c_out.append(o)
-            depthwise.append(isinstance(m, nn.Conv2d) and m.groups > 1)
-        self.c_in = torch.tensor(c_in, dtype=torch.float64)
-        self.c_out = torch.tensor(c_out, dtype=torch.float64)
-        self.depthwise = torch.tensor(depthwise)
+        self.c_out = torch.tensor([float(units[n][1]) for n in names], dtype=torch.float64)
+        self.c_in = torch.tensor([float(units[n][2]) for n in names], dtype=torch.float64)
+        self.depthwise = torch.tensor([bool(units[n][3]) for n in names], dtype=torch.bool)
+        # a[unit, channel]: rows (a_out) or columns (a_in) of the unit that removing the channel removes
         a_out = torch.zeros(len(names), total, dtype=torch.float64)
         a_in = torch.zeros(len(names), total, dtype=torch.float64)
         start = 0
         for t, size in zip(targets, sizes):
-            for pieces, a in ((t.producers, a_out), (t.consumers, a_in)):
+            for pieces, a in ((t.producers, a_out), (t.channelwise, a_out), (t.consumers, a_in)):
                 for p in pieces:
                     if p.module not in index:
                         continue
-                    m = modules[p.module]
+                    m = modules.get(p.module)
                     if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
                         raise ValueError(f"FlopsModel: target {t.name} reaches grouped convolution {p.module} "
                                          f"(groups={m.groups})")
-                    a[index[p.module], start + p.offset : start + p.offset + p.count] = 1.0
+                    first = start + p.offset
+                    a[index[p.module], first : first + p.count // p.width] += float(p.width)
             start += size
-        self.a_out, self.a_in = a_out, a_in
         # a depthwise conv's input channels are its output channels: count them once
-        self.a_in[self.depthwise] = 0.0
+        a_out[self.depthwise] = torch.maximum(a_out[self.depthwise], a_in[self.depthwise])
+        a_in[self.depthwise] = 0.0
+        self.a_out, self.a_in = a_out, a_in
 
     def macs(self, prune: torch.Tensor) -> torch.Tensor:
         """MACs for prune mask(s) ``prune`` (flat over all targets' channels; ``[channels]`` or
