@@ -118,7 +118,7 @@ def _run(cfg: PruneConfig, log) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps({"key": key, "config": _identity(cfg)}, indent=1, default=str))
     log(f"run: {cfg.method} seed {cfg.seed} -> {cfg.out}")
-    report = run_pipeline(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda _msg: None)
+    report = run_pipeline(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda msg: log(f"  {msg}"))
     if report.status != "done":
         raise RuntimeError(f"run {cfg.out} did not finish: {report}")
     return report

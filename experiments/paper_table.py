@@ -62,7 +62,7 @@ def _base(setting: TableSetting, model: str, seed: int, args) -> PruneConfig:
     dense_epochs, epochs, finetune_epochs = setting.budgets[model]
     return PruneConfig(model=model, dataset="digits", seed=seed, dense_epochs=dense_epochs, epochs=epochs,
                        finetune_epochs=finetune_epochs, train_limit=setting.train_limit, test_limit=setting.test_limit,
-                       device=args.device, progress=False, plots=False, **setting.extra)
+                       device=args.device, progress=False, plots=False, latency="eager", **setting.extra)
 
 
 def _dense(setting, model, seed, args, root: Path, log) -> str:

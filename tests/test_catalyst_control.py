@@ -66,6 +66,35 @@ def test_the_end_of_the_budget_decides_every_channel_by_its_side():
     assert int((control.state == PRUNED).sum()) == sum(d.numel() // 4 for d in pruner.catalysts)
 
 
+def test_no_target_is_decided_away_entirely():
+    """Every channel of the first target starts above the threshold (the others below): its channels are decided
+    on the prune side one by one, except the last, which is kept (moved to the keep side, counted as forced), so
+    that what the control predicts is what the removal obtains."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0)
+    with torch.no_grad():
+        first = pruner.catalysts[0]
+        first *= 1.1
+        first[3] /= 1.05  # the slowest of them: the one left when the others have gone
+        for d in pruner.catalysts[1:]:
+            d *= 0.9
+    opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
+    control = pruner.method.control
+    for _ in range(40):
+        no_loss_steps(pruner, model, opt, 20)
+        if pruner.all_decided():
+            break
+    assert pruner.all_decided()
+    n = first.numel()
+    state = control.state[:n]
+    assert int((state == PRUNED).sum()) == n - 1 and state[3] == KEPT and bool(control.forced[3])
+    assert float(control.statistic_at_decision[3]) == pytest.approx(-1.0)  # moved to the keep side when frozen
+    assert float(pruner.scores()[0][3]) < 0  # and still there
+    assert not bool(control.forced[:n][state == PRUNED].any())
+    assert torch.equal(pruner.decisions()[0].prune, state == PRUNED)
+
+
 def test_target_feedback_holds_the_predicted_speedup():
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1)

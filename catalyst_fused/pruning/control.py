@@ -193,6 +193,25 @@ class CatalystControl:
         self.forced[mask] = forced
         self.last_decision_step = step
 
+    def _spare_last(self, to_prune: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Of the channels about to be decided on the prune side, those that must stay so that no target
+        loses every channel (the one with the smallest ``s`` in such a target). Deciding them here, not only at
+        the removal, keeps the FLOPs the feedback predicts equal to what the removal obtains (a head or a
+        residual-stream channel kept back at the removal costs a lot)."""
+        if not bool(to_prune.any()):
+            return torch.zeros_like(to_prune)
+        segments = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+        return _last_channels(s, segments, to_prune, self.state == PRUNED, len(self.sizes))
+
+    def _keep_spared(self, spare, s, flat_d, factors, kappa: float, step: int):
+        """Moves the spared channels to ``u = 10^-kappa`` and freezes them there, on the keep side (counted as
+        forced: the flow did not put them there)."""
+        f = torch.where(spare, 10.0 ** (-kappa - s), torch.ones_like(s))
+        factors, flat_d = factors * f, flat_d * f
+        s = torch.where(spare, torch.full_like(s, -kappa), s)
+        self._freeze(spare, torch.full_like(self.state, KEPT), flat_d, s, step, forced=True)
+        return factors, flat_d, s
+
     # ------------------------------------------------------------------------------------------ a step
     def after_step(self, ts, catalysts: Sequence[torch.Tensor], *, kappa: float, step: int,
                    rescale_: Callable[[torch.Tensor], None], flops: Optional[FlopsModel] = None,
@@ -215,7 +234,10 @@ class CatalystControl:
         s = torch.log10(u.clamp_min(1e-300))
         flat_d = torch.cat([d.detach().double().cpu() for d in catalysts]) * factors
         newly = und & (s.abs() > kappa)  # 2. decisions
-        self._freeze(newly, torch.where(s > 0, PRUNED, KEPT), flat_d, s, step)
+        spare = self._spare_last(newly & (s > 0), s)
+        self._freeze(newly & ~spare, torch.where(s > 0, PRUNED, KEPT), flat_d, s, step)
+        if bool(spare.any()):
+            factors, flat_d, s = self._keep_spared(spare, s, flat_d, factors, kappa, step)
         und = self.undecided
         if target is not None and flops is not None and bool(und.any()):  # 3. feedback
             t = self.target_shift(s, flops, target)
@@ -227,6 +249,10 @@ class CatalystControl:
                 flat_d = flat_d * f
                 s = torch.where(und, s - t, s)
         if force_step is not None and step >= force_step and bool(und.any()):  # 4. end of the budget
+            spare = self._spare_last(und & (s > 0), s)
+            if bool(spare.any()):
+                factors, flat_d, s = self._keep_spared(spare, s, flat_d, factors, kappa, step)
+                und = self.undecided
             side = torch.where(s > 0, PRUNED, KEPT)
             goal = torch.where(s > 0, torch.full_like(s, kappa), torch.full_like(s, -kappa))
             f = torch.where(und, 10.0 ** (goal - s), torch.ones_like(s))
