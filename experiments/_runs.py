@@ -99,9 +99,10 @@ def _methods(args) -> list[str]:
     return names
 
 
-def _run(cfg: PruneConfig, log) -> Report:
+def _run(cfg: PruneConfig, log, make: bool = True) -> Optional[Report]:
     """The run of ``cfg``: read back if it finished before with the same configuration, else made (an
-    interrupted one is resumed). A cached run made with another configuration is refused, not reused."""
+    interrupted one is resumed; with ``make=False``: None). A cached run made with another configuration is
+    refused, not reused."""
     out = Path(cfg.out)
     key = config_key(cfg)
     key_file = out / "config_key.json"
@@ -115,6 +116,8 @@ def _run(cfg: PruneConfig, log) -> Report:
         report = Report.load(path)
         if report.status == "done":
             return report
+    if not make:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps({"key": key, "config": _identity(cfg)}, indent=1, default=str))
     log(f"run: {cfg.method} seed {cfg.seed} -> {cfg.out}")

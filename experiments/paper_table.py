@@ -72,7 +72,8 @@ def _dense(setting, model, seed, args, root: Path, log) -> str:
             return str(path)
     cfg = replace(_base(setting, model, seed, args), epochs=0, finetune_epochs=0)
     cfg = replace(cfg, out=str(root / f"seed{seed}" / f"dense-{_runs.config_key(cfg)}"))
-    _runs._run(cfg, log)
+    if _runs._run(cfg, log, make=not args.finished_only) is None:
+        return None
     return str(Path(cfg.out) / "dense_model.pt")
 
 
@@ -101,11 +102,17 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else setting.seeds[model]
         for seed in seeds:
             dense = _dense(setting, model, seed, args, root, log)
+            if dense is None:
+                log(f"not made yet: {model} seed {seed} (dense)")
+                continue
             for mode in modes:
                 base = replace(_base(setting, model, seed, args), mode=mode, dense_checkpoint=dense)
                 cat = replace(base, method="catalyst", gamma="auto", target_speedup=target)
                 cat = replace(cat, out=str(root / f"seed{seed}" / f"catalyst-{mode}-{target}x-{_runs.config_key(cat)}"))
-                report = _runs._run(cat, log)
+                report = _runs._run(cat, log, make=not args.finished_only)
+                if report is None:
+                    log(f"not made yet: {model} {target}x {mode} seed {seed} (catalyst and its baselines)")
+                    continue
                 row = {"model": model, "target": target, "mode": mode, "seed": seed}
                 records.append(_record(report, dict(row, method="catalyst")))
                 for method in setting.methods:
@@ -114,7 +121,11 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
                     b = replace(base, method=method, gamma=BASELINE_GAMMA[method],
                                 target_speedup=report.cost.flops_ratio)
                     b = replace(b, out=str(root / f"seed{seed}" / f"{method}-{mode}-{target}x-{_runs.config_key(b)}"))
-                    records.append(_record(_runs._run(b, log), dict(row, method=method)))
+                    done = _runs._run(b, log, make=not args.finished_only)
+                    if done is None:
+                        log(f"not made yet: {model} {target}x {mode} seed {seed} ({method})")
+                        continue
+                    records.append(_record(done, dict(row, method=method)))
     return setting, records
 
 
@@ -165,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir", default=str(_runs.HERE / "results"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true", help="make the runs only (a partial launch); no tables")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="make no run: the tables of the runs that have finished (the rest are listed as not made)")
     args = parser.parse_args(argv)
     setting, records = collect(args)
     if args.no_write:
@@ -182,7 +195,9 @@ def main(argv=None) -> int:
                   f"{m} seeds {setting.seeds[m]}, epochs dense/opt1 budget/fine-tune {'/'.join(map(str, setting.budgets[m]))}"
                   for m in models)
               + ("" if setting.train_limit is None else f", first {setting.train_limit} training samples")
-              + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}.\n\n")
+              + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}."
+              + (" **Partial**: `--finished-only`, the runs finished so far (the 'runs' column counts them)."
+                 if args.finished_only else "") + "\n\n")
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"paper_table_{args.setting}.md").write_text(header + md)

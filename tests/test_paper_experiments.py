@@ -37,3 +37,34 @@ def test_rescaling_bias_experiment_smoke(tmp_path):
     md = (results / "rescaling_bias_smoke.md").read_text()
     for r in records:
         assert f"| {r['method']} | 1 |" in md
+
+
+def _paper_table(tmp_path, runs, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results = tmp_path / "results"
+    command = [sys.executable, str(REPO_ROOT / "experiments" / "paper_table.py"), "--setting", "smoke",
+               "--runs-dir", str(runs), "--results-dir", str(results), *extra]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return json.loads((results / "paper_table_smoke.json").read_text()), (results / "paper_table_smoke.md").read_text(), done.stdout
+
+
+@pytest.mark.slow
+def test_paper_table_smoke_and_its_partial_tables(tmp_path):
+    # nothing made yet: --finished-only makes no run and says what is missing
+    data, md, out = _paper_table(tmp_path, tmp_path / "runs", "--finished-only")
+    assert data["records"] == [] and "not made yet: small_cnn seed 0 (dense)" in out and "**Partial**" in md
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("report.json"))
+    data, md, _ = _paper_table(tmp_path, tmp_path / "runs")
+    records = data["records"]
+    assert [(r["mode"], r["method"]) for r in records] == [
+        (mode, method) for mode in ("group", "bn") for method in ("catalyst", "slimming", "random")]
+    for mode in ("group", "bn"):
+        cat, *baselines = [r for r in records if r["mode"] == mode]
+        assert cat["flops_ratio"] == pytest.approx(1.5, rel=0.1), cat
+        for b in baselines:  # pruned to the FLOPs ratio that Catalyst reached
+            assert b["flops_ratio"] >= cat["flops_ratio"] * 0.97, (b, cat)
+        assert "**Partial**" not in md and f"| small_cnn | 1.5x | {mode} | catalyst | 1 |" in md
+    # the finished runs are read back, not made again
+    again, _, out = _paper_table(tmp_path, tmp_path / "runs", "--finished-only")
+    assert again["records"] == records and "not made yet" not in out
