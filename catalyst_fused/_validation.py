@@ -12,6 +12,20 @@ from typing import Sequence
 import torch
 
 
+def comma_items(text) -> list[str]:
+    """The items of a comma-separated option (``"a, b,,c"``) or of a sequence, stripped, empty ones dropped."""
+    raw = text.split(",") if isinstance(text, str) else list(text)
+    return [s for s in (str(x).strip() for x in raw) if s]
+
+
+def check_choices(items: Sequence[str], choices: Sequence[str], where: str, what: str, note: str = "") -> None:
+    """Raises a ValueError naming ``where`` for items that are not among ``choices``."""
+    unknown = [s for s in items if s not in choices]
+    if unknown:
+        raise ValueError(f"{where}: unknown {what}(s) {', '.join(map(repr, unknown))}; choose from {', '.join(choices)} "
+                         f"(comma-separated{note})")
+
+
 def as_tensor_list(values, name: str) -> list[torch.Tensor]:
     if isinstance(values, torch.Tensor):
         raise TypeError(f"catalyst_fused: {name} must be a sequence of tensors, got a single tensor; wrap it in a list")

@@ -29,6 +29,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._validation import check_choices, comma_items
+
 __all__ = ["EXPORT_FORMATS", "ExportResult", "ExportCheckError", "export_model", "parse_formats", "require_export_extra"]
 
 EXPORT_FORMATS = ("onnx", "pt2")
@@ -67,12 +69,8 @@ def parse_formats(text: Union[str, Sequence[str], None], where: str = "--export"
     """
     if text is None:
         return ()
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
-    unknown = [s for s in items if s not in EXPORT_FORMATS]
-    if unknown:
-        raise ValueError(f"{where}: unknown format(s) {', '.join(map(repr, unknown))}; choose from {', '.join(EXPORT_FORMATS)} "
-                         "(comma-separated)")
+    items = comma_items(text)
+    check_choices(items, EXPORT_FORMATS, where, "format")
     if len(set(items)) != len(items):
         raise ValueError(f"{where}: a format is named twice in {text!r}")
     return tuple(items)

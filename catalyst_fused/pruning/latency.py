@@ -44,6 +44,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._validation import check_choices, comma_items
+
 __all__ = ["RUNTIMES", "LatencyRow", "LatencyTable", "compare_latency", "parse_runtimes", "parse_threads",
            "CpuLoadMeter", "machine_info"]
 
@@ -107,12 +109,8 @@ def parse_runtimes(text: Union[str, Sequence[str]], where: str = "--latency") ->
     Raises:
         ValueError: naming ``where`` for an unknown runtime.
     """
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
-    unknown = [s for s in items if s not in RUNTIMES]
-    if unknown:
-        raise ValueError(f"{where}: unknown runtime(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RUNTIMES)} "
-                         "(comma-separated; eager is always measured)")
+    items = comma_items(text)
+    check_choices(items, RUNTIMES, where, "runtime", "; eager is always measured")
     return tuple(r for r in RUNTIMES if r == "eager" or r in items)
 
 
@@ -122,7 +120,7 @@ def parse_threads(text: Union[str, Sequence[int]], where: str = "--latency-threa
     Raises:
         ValueError: naming ``where`` for an empty list or a count that is not a positive integer.
     """
-    items = [s.strip() for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
+    items = comma_items(text)
     try:
         values = [int(s) for s in items]
     except (TypeError, ValueError):
