@@ -358,22 +358,33 @@ acc_t norm_pass(const Plan& plan, const Schedule& s, const Scratch<acc_t>& x, at
       if (lo >= hi) continue;
       const int64_t slice_begin = (lo - first) * m.width;
       const int64_t slice_end = (hi - first) * m.width;
+      // Slices in order, `width` consecutive ones per group (no division per slice: DenseNet's layouts have
+      // tens of thousands of column slices per call).
       if (m.dim == 0) {
         const acc_t* rows = x.row_sq + plan.tensor_row_offsets[m.tensor] + m.start;
         if (m.width == 1) {
           for (int64_t j = slice_begin; j < slice_end; ++j) sq[first + j] += rows[j];
         } else {
-          for (int64_t j = slice_begin; j < slice_end; ++j) sq[first + j / m.width] += rows[j];
+          for (int64_t g = lo, j = slice_begin; g < hi; ++g) {
+            for (int64_t k = 0; k < m.width; ++k, ++j) sq[g] += rows[j];
+          }
         }
         continue;
       }
       const TensorInfo& info = s.tensors[m.tensor];
       const int64_t blocks = info.block_end - info.block_begin;
       const acc_t* partial = x.partials + info.partial_offset + m.start;
-      for (int64_t j = slice_begin; j < slice_end; ++j) {
+      auto column_total = [&](int64_t j) {  // the column's sum of squares, its blocks in order
         acc_t total = 0;
         for (int64_t b = 0; b < blocks; ++b) total += partial[b * info.columns + j];
-        sq[first + j / m.width] += total;
+        return total;
+      };
+      if (m.width == 1) {
+        for (int64_t j = slice_begin; j < slice_end; ++j) sq[first + j] += column_total(j);
+      } else {
+        for (int64_t g = lo, j = slice_begin; g < hi; ++g) {
+          for (int64_t k = 0; k < m.width; ++k, ++j) sq[g] += column_total(j);
+        }
       }
     }
     if (sums_only) {  // penalty_partial_sums: the sums of squares are the result (sharded weights)
