@@ -41,11 +41,14 @@ def table(rows: list[dict], mode: str) -> str:
                 parts.append("-")
                 continue
             text = f"{float(r['median_ms']):.3g} ms"
-            if p not in BASELINES:
-                text += f" ({float(r['speedup_vs_eager']):.1f}x eager"
+            if p not in BASELINES:  # ratios to the baselines that were run in the same run
+                ratios = []
+                if r["speedup_vs_eager"]:
+                    ratios.append(f"{float(r['speedup_vs_eager']):.1f}x eager")
                 if r["speedup_vs_compile"]:
-                    text += f", {float(r['speedup_vs_compile']):.2f}x compile"
-                text += f", {float(r['ratio_vs_floor']):.2f}x floor)"
+                    ratios.append(f"{float(r['speedup_vs_compile']):.2f}x compile")
+                ratios.append(f"{float(r['ratio_vs_floor']):.2f}x floor")
+                text += f" ({', '.join(ratios)})"
             parts.append(text)
         where = f"{device}, {threads} thr" + (", cache cold" if cache == "cold" else "")
         lines.append(f"| {weight_set} ({where}) | {grads or 'none'} | {float(floor):.3g} | " + " | ".join(parts) + " |")
