@@ -7,6 +7,10 @@ What it does, for one *case* (a set of tensors) at a time:
   becomes an :class:`Entry`, next to the floor passes (``floor_entries``): over a flat buffer with as many
   elements as the case, ``read`` = one read pass (``flat.sum()``), ``rmw`` = one read-modify-write pass over
   a gradient-sized buffer (``grad.add_(flat)``);
+* with ``args.cold`` (``--cold``), the last-level cache (the GPU's L2 on CUDA) is evicted before every timed
+  repetition of every entry, the floor's included (:class:`CacheFlusher`: an untimed read-modify-write pass
+  over a buffer of twice the cache's size), so that weights and gradients come from memory as in a training
+  step whose forward and backward pass evicted them; without it, a set that fits in the cache is timed hot;
 * entries are warmed up, given a repetition count that fits ``--max-seconds`` (at least ``--min-reps``), and
   timed in interleaved rounds (each entry runs a slice of its repetitions per round, so slow drifts of a
   shared machine hit all of them alike), each repetition on its own (``time.perf_counter_ns``; CUDA events
@@ -78,6 +82,7 @@ CSV_COLUMNS = [
     "peak_mem_mb",
     "page_faults",
     "other_cpu_pct",
+    "cache",
 ]
 
 Step = Callable[[], None]
@@ -164,7 +169,7 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
-def warm_up(entry: Entry, timer: Timer, args, device: torch.device) -> float:
+def warm_up(entry: Entry, timer: Timer, args, device: torch.device, flush: Optional[Callable[[], None]] = None) -> float:
     """Runs up to ``args.warmup`` untimed repetitions (fewer once they pass ``args.max_seconds``, at least
     one) and returns the estimated time of one repetition in ms."""
     cuda = device.type == "cuda"
@@ -174,6 +179,8 @@ def warm_up(entry: Entry, timer: Timer, args, device: torch.device) -> float:
     seen: list[float] = []
     for _ in range(max(1, args.warmup)):
         entry.reset()
+        if flush is not None:
+            flush()
         seen.append(timer(entry.step))
         if sum(seen) / 1e3 > args.max_seconds:
             break
@@ -183,10 +190,33 @@ def warm_up(entry: Entry, timer: Timer, args, device: torch.device) -> float:
     return float(np.median(later))
 
 
+class CacheFlusher:
+    """Evicts the last-level cache (CPU) or the L2 (CUDA) between timed repetitions: an untimed
+    read-modify-write pass over a buffer of twice the cache's size (ordinary stores, unlike a large
+    ``fill_``/``memset``, which may bypass the cache with streaming stores)."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            cache = torch.cuda.get_device_properties(device).L2_cache_size
+        else:
+            cache = last_level_cache_bytes()
+        if not cache:
+            raise SystemExit("--cold: the size of the last-level cache is unknown on this machine")
+        self.cache_bytes = int(cache)
+        self.buffer = torch.zeros(2 * self.cache_bytes // 4, dtype=torch.float32, device=device)
+        self.sync = synchronizer(device)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
+        self.sync()
+
+
 def run_entries(entries: list[Entry], timer: Timer, args, device: torch.device) -> None:
-    """Warm-up every entry, pick its repetition count, then time them in interleaved rounds."""
+    """Warm-up every entry, pick its repetition count, then time them in interleaved rounds (with
+    ``args.cold``, the cache evicted before every repetition, warm-up included)."""
+    flush = CacheFlusher(device) if getattr(args, "cold", False) else None
     for entry in entries:
-        estimate_ms = warm_up(entry, timer, args, device)
+        estimate_ms = warm_up(entry, timer, args, device, flush)
         affordable = int(args.max_seconds * 1e3 / max(estimate_ms, 1e-6))
         entry.reps = max(args.min_reps, min(args.reps, affordable))
     rounds = max(1, args.rounds)
@@ -199,6 +229,8 @@ def run_entries(entries: list[Entry], timer: Timer, args, device: torch.device) 
                 n = entry.reps * (r + 1) // rounds - entry.reps * r // rounds
                 for _ in range(n):
                     entry.reset()
+                    if flush is not None:
+                        flush()
                     faults = minor_faults()
                     entry.times.append(timer(entry.step))
                     entry.faults.append(minor_faults() - faults)
@@ -402,6 +434,7 @@ def bench_case(case: Case, inputs, providers: dict, names: Sequence[str], modes:
     entries += [floor_read, floor_rmw]
     llc = last_level_cache_bytes()
     fits = llc is not None and device.type == "cpu" and 2 * flat.numel() * flat.element_size() <= llc
+    cold_cache = bool(getattr(args, "cold", False))
 
     meter = ContentionMeter()
     run_entries(entries, Timer(device), args, device)
@@ -453,10 +486,13 @@ def bench_case(case: Case, inputs, providers: dict, names: Sequence[str], modes:
                     "peak_mem_mb": _fmt(peak, ".1f"),
                     "page_faults": _fmt(faults if resource is not None else None, ".0f"),
                     "other_cpu_pct": _fmt(other_cpu, ".1f"),
+                    "cache": "cold" if cold_cache else "hot",
                 }
             )
     print_table(rows)
-    if fits:
+    if cold_cache:
+        print("  cache: cold (the last-level cache was evicted before every repetition, the floor's included)")
+    elif fits:
         print(
             f"  note: weights + gradient buffer ({2 * case.n_params * info_itemsize(info) / 2**20:.0f} MiB) fit in the "
             f"last-level cache ({llc / 2**20:.0f} MiB): the floor flatters (it is measured hot in cache)"

@@ -17,7 +17,8 @@ two modes, next to a memory-bandwidth floor measured in the same run (``harness.
 * floor: ``read`` = one read pass over a flat buffer of the weight set's size (``flat.sum()``),
   ``rmw`` = one read-modify-write pass over a gradient-sized buffer (``grad.add_(flat)``);
   floor(forward) = read, floor(full) = read + rmw. When both buffers fit in the last-level cache the
-  run says so: the floor is then measured hot in cache and flatters.
+  run says so: the floor is then measured hot in cache and flatters. ``--cold`` evicts the last-level cache
+  before every timed repetition of every provider and of the floor alike (CSV column ``cache``).
 
     python benchmarks/overhead.py                     # everything, appended to benchmarks/results/overhead.csv
     python benchmarks/overhead.py --quick --no-save   # CI smoke run
@@ -329,6 +330,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         choices=["none", "zeros"],
         help="full mode: .grad set to None before each rep (default) or kept and zeroed in place",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the last-level cache (CUDA: the L2) before every timed repetition of every provider and of the "
+        "floor (untimed), as a training step's forward and backward would; CSV column cache = cold",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the repetitions are split into (default 5)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--quick", action="store_true", help="CI mode: few reps, resnet56 + transformer_mlp, no compile unless asked")
@@ -388,7 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     )
     print(
         f"reps {args.reps} (min {args.min_reps}, budget {args.max_seconds:g} s per provider and mode), "
-        f"warmup {args.warmup}, rounds {args.rounds}, full-mode grads: {args.grads}"
+        f"warmup {args.warmup}, rounds {args.rounds}, full-mode grads: {args.grads}, "
+        f"cache: {'cold (evicted before every repetition)' if args.cold else 'hot (not evicted)'}"
     )
     for name in args.providers:
         print(f"  {name:<14} {PROVIDERS[name].description}")

@@ -1,4 +1,4 @@
-"""Markdown table of the newest overhead.py run per (weight set, device, dtype, grads, threads) in a CSV.
+"""Markdown table of the newest overhead.py run per (weight set, device, dtype, grads, threads, cache) in a CSV.
 
     python benchmarks/summarize.py                      # benchmarks/results/overhead.csv
     python benchmarks/summarize.py --csv other.csv --mode full
@@ -10,13 +10,13 @@ import csv
 import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROVIDER_ORDER = ["eager", "foreach", "compile", "torch_pruning", "cpp", "cpp_inplace", "triton", "triton_inplace"]
+PROVIDER_ORDER = ["eager", "foreach", "compile", "torch_pruning", "cpp", "cpp_inplace", "pruner", "triton", "triton_inplace"]
 BASELINES = ("eager", "foreach", "compile", "torch_pruning")
 
 
 def newest_runs(rows: list[dict]) -> list[dict]:
     """Rows of the newest run (date) of each configuration."""
-    key = lambda r: (r["weight_set"], r["device"], r["dtype"], r.get("grads", ""), r["threads"], r["gpu"])
+    key = lambda r: (r["weight_set"], r["device"], r["dtype"], r.get("grads", ""), r["threads"], r["gpu"], r.get("cache", ""))
     newest: dict = {}
     for r in rows:
         if r["date"] > newest.get(key(r), ""):
@@ -26,12 +26,13 @@ def newest_runs(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], mode: str) -> str:
     rows = [r for r in newest_runs(rows) if r["mode"] == mode]
-    configs = sorted({(r["weight_set"], r["device"], r.get("grads", ""), r["threads"]) for r in rows})
+    configs = sorted({(r["weight_set"], r["device"], r.get("grads", ""), r["threads"], r.get("cache", "")) for r in rows})
     providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
     head = "| weight set | grads | floor ms | " + " | ".join(providers) + " |"
     lines = [head, "|" + "---|" * (3 + len(providers))]
-    for weight_set, device, grads, threads in configs:
-        cell = {r["provider"]: r for r in rows if (r["weight_set"], r["device"], r.get("grads", ""), r["threads"]) == (weight_set, device, grads, threads)}
+    for weight_set, device, grads, threads, cache in configs:
+        cell = {r["provider"]: r for r in rows
+                if (r["weight_set"], r["device"], r.get("grads", ""), r["threads"], r.get("cache", "")) == (weight_set, device, grads, threads, cache)}
         floor = next(iter(cell.values()))["floor_ms"]
         parts = []
         for p in providers:
@@ -40,13 +41,17 @@ def table(rows: list[dict], mode: str) -> str:
                 parts.append("-")
                 continue
             text = f"{float(r['median_ms']):.3g} ms"
-            if p not in BASELINES:
-                text += f" ({float(r['speedup_vs_eager']):.1f}x eager"
+            if p not in BASELINES:  # ratios to the baselines that were run in the same run
+                ratios = []
+                if r["speedup_vs_eager"]:
+                    ratios.append(f"{float(r['speedup_vs_eager']):.1f}x eager")
                 if r["speedup_vs_compile"]:
-                    text += f", {float(r['speedup_vs_compile']):.2f}x compile"
-                text += f", {float(r['ratio_vs_floor']):.2f}x floor)"
+                    ratios.append(f"{float(r['speedup_vs_compile']):.2f}x compile")
+                ratios.append(f"{float(r['ratio_vs_floor']):.2f}x floor")
+                text += f" ({', '.join(ratios)})"
             parts.append(text)
-        lines.append(f"| {weight_set} ({device}, {threads} thr) | {grads or 'none'} | {float(floor):.3g} | " + " | ".join(parts) + " |")
+        where = f"{device}, {threads} thr" + (", cache cold" if cache == "cold" else "")
+        lines.append(f"| {weight_set} ({where}) | {grads or 'none'} | {float(floor):.3g} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 

@@ -74,6 +74,8 @@ class GroupLayout:
                 size = max(size, row[_SEGMENT_START] + row[_COUNT] // row[_WIDTH])
             sizes.append(size)
         self.segment_sizes = tuple(sizes)
+        self._sizes = [torch.Size(shape) for shape in self.shapes]  # what check compares weights' shapes with
+        self._segment_shapes = [torch.Size((size,)) for size in sizes]
         # Checked before anything of a segment's size is allocated: a huge offset leaves groups uncovered.
         self._check_coverage(rows)
         self.member_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, MEMBER_COLUMNS)
@@ -112,6 +114,8 @@ class GroupLayout:
             raise ValueError(f"layout was built for {self.num_weights} weights, got {len(weights)}")
         if len(catalysts) != self.num_segments:
             raise ValueError(f"layout has {self.num_segments} segments (one catalyst each), got {len(catalysts)} catalysts")
+        if [w.shape for w in weights] == self._sizes and [d.shape for d in catalysts] == self._segment_shapes:
+            return  # the common case, without a Python loop per tensor (this runs on every penalty call)
         for i, (w, shape) in enumerate(zip(weights, self.shapes)):
             if tuple(w.shape) != shape:
                 raise ValueError(

@@ -37,9 +37,14 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+# Plain tensors and parameters are not DTensors: is_sharded skips the import and isinstance for them (it
+# runs on every penalty call, over every weight).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(weights: Sequence[torch.Tensor]) -> bool:
     """Whether any weight is a DTensor (then all must be)."""
-    return any(is_dtensor(w) for w in weights)
+    return any(is_dtensor(w) for w in weights if type(w) not in _PLAIN_TYPES)
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,19 @@ def test_overhead_quick_writes_csv(tmp_path):
     eager_full = next(r for r in rows if r["provider"] == "eager" and r["mode"] == "full")
     assert float(eager_full["speedup_vs_eager"]) == pytest.approx(1.0)
 
-    # A second run appends to the same file under the same header.
+    assert {r["cache"] for r in rows} == {"hot"}
+
+    # A second run appends to the same file under the same header; --cold evicts the cache before every
+    # repetition and says so in the CSV.
     command[command.index("eager,cpp,cpp_inplace")] = "cpp"
-    result = subprocess.run(command + ["--modes", "full"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command + ["--modes", "full", "--cold"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "cache: cold" in result.stdout
     with open(out, newline="") as f:
         appended = list(csv.DictReader(f))[len(rows):]
     assert sorted((r["provider"], r["mode"]) for r in appended) == [("cpp", "full"), ("floor", "full")]
+    assert {r["cache"] for r in appended} == {"cold"}
 
 
 @pytest.mark.skipif(not cf.cpp_available(), reason="the compiled extension is not built")
