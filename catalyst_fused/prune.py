@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round every kept width up to a multiple of this (e.g. 8 or 16) by keeping the least-pruned "
                         "extra channels; 1 = no rounding")
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
+    p.add_argument("--no-prune-pull", action="store_true",
+                   help="Catalyst: keep a decided prune-side catalyst at its frozen value (the control before the pull): "
+                        "the loss can then hold such a channel away from 0 and the removal is not lossless")
     p.add_argument("--train-limit", type=_int_at_least(1), default=None,
                    help="use only the first N training samples (smoke runs)")
     p.add_argument("--test-limit", type=_int_at_least(1), default=None, help="use only the first N test samples (smoke runs)")
@@ -198,6 +201,7 @@ def config_from_args(args: argparse.Namespace):
 
     values = {f.name: getattr(args, f.name) for f in fields(PruneConfig) if hasattr(args, f.name)}
     values["bn_beta"] = not args.bn_gamma_only
+    values["prune_pull"] = not args.no_prune_pull
     values["progress"] = not args.no_progress
     values["plots"] = not args.no_plots
     return PruneConfig(**values)

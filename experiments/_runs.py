@@ -134,6 +134,10 @@ def _identity(cfg: PruneConfig) -> dict:
         d.pop(k)
     if d.get("dense_checkpoint"):  # the dense weights are identified by the run that made them, not the path
         d["dense_checkpoint"] = Path(d["dense_checkpoint"]).parent.name
+    # the prune side's pull came later: runs without it keep the keys they were cached under, and runs it
+    # cannot change (other methods, no opt1) are not made again
+    if not d.get("prune_pull", False) or d["method"] != "catalyst" or not d["epochs"]:
+        d.pop("prune_pull", None)
     return d
 
 

@@ -65,7 +65,8 @@ def _base(setting: TableSetting, model: str, seed: int, args) -> PruneConfig:
     dense_epochs, epochs, finetune_epochs = setting.budgets[model]
     return PruneConfig(model=model, dataset="digits", seed=seed, dense_epochs=dense_epochs, epochs=epochs,
                        finetune_epochs=finetune_epochs, train_limit=setting.train_limit, test_limit=setting.test_limit,
-                       device=args.device, progress=False, plots=False, latency="eager", **setting.extra)
+                       device=args.device, progress=False, plots=False, latency="eager",
+                       **dict(setting.extra, prune_pull=not args.no_prune_pull))
 
 
 def _dense(setting, model, seed, args, root: Path, log) -> str:
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir", default=str(_runs.HERE / "results"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true", help="make the runs only (a partial launch); no tables")
+    parser.add_argument("--no-prune-pull", action="store_true",
+                        help="Catalyst without the prune side's pull (the control before it; its runs stay cached)")
     parser.add_argument("--finished-only", action="store_true",
                         help="make no run: the tables of the runs that have finished (the rest are listed as not made)")
     args = parser.parse_args(argv)
@@ -201,10 +204,13 @@ def main(argv=None) -> int:
               + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}."
               + (" **Partial**: `--finished-only`, the runs finished so far (the 'runs' column counts them)."
                  if args.finished_only else "") + "\n\n")
+    if args.no_prune_pull:
+        header = header.replace("\n\n", " Catalyst **without the prune side's pull** (`--no-prune-pull`).\n\n", 1)
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"paper_table_{args.setting}.md").write_text(header + md)
-    (out / f"paper_table_{args.setting}.json").write_text(_runs.json.dumps(
+    name = f"paper_table_{args.setting}" + ("_no_pull" if args.no_prune_pull else "")
+    (out / f"{name}.md").write_text(header + md)
+    (out / f"{name}.json").write_text(_runs.json.dumps(
         {"environment": _runs.environment(), "setting": args.setting, "records": records}, indent=1, default=float))
     print(header + md)
     return 0

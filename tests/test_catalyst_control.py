@@ -20,7 +20,7 @@ def test_decided_channels_stay_decided_and_their_catalysts_frozen():
     never falls."""
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1)
-    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0)
+    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0, prune_pull=False)
     with torch.no_grad():  # a deterministic split: even channels start at u = 1.1, odd ones at u = 0.9
         for d in pruner.catalysts:
             d[0::2] *= 1.1
@@ -46,6 +46,61 @@ def test_decided_channels_stay_decided_and_their_catalysts_frozen():
     torch.testing.assert_close(torch.cat([d.detach() for d in pruner.catalysts]), frozen, rtol=0, atol=0)
     # the stop rule waits until a just-decided group had time to shrink
     assert pruner.settle_steps() > 10
+
+
+def _held_up_steps(pruner, model, opt, steps: int, push: float) -> None:
+    """No-loss steps, except that a "loss" pushes channel 0 of bn1 (scale and shift) up with a constant
+    gradient ``push``: stronger than its frozen catalyst's pull ``gamma |d|``, as the data can hold a channel
+    that the flow put on the prune side."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        model.bn1.weight.grad[0] = -push
+        model.bn1.bias.grad[0] = -push
+        pruner.regularize()
+        opt.step()
+        pruner.after_step()
+
+
+@pytest.mark.parametrize("pull", [True, False])
+def test_the_pull_empties_a_pruned_group_the_loss_holds_up(pull):
+    """BN mode: the even channels decide on the prune side (no loss), then a loss gradient stronger than the
+    frozen pull holds channel 0 of bn1 up. Without the pull it grows back (what made BN-mode removals lossy);
+    with it (the default) its catalyst grows until the pull wins, and the group ends exactly at zero, as does
+    every other pruned group; kept channels and their catalysts are untouched."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0, prune_pull=pull)
+    with torch.no_grad():
+        for d in pruner.catalysts:
+            d[0::2] *= 1.1
+            d[1::2] *= 0.9
+    opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
+    control = pruner.method.control
+    for _ in range(30):
+        no_loss_steps(pruner, model, opt, 20)
+        if bool((control.state != UNDECIDED).all()):
+            break
+    assert bool((control.state != UNDECIDED).all())
+    d0 = float(pruner.catalysts[0][0].detach())
+    assert 0.1 * abs(d0) < 0.2  # the push below is stronger than the frozen pull gamma |d|
+    kept_d = torch.cat([d.detach().clone() for d in pruner.catalysts])[control.state == KEPT]
+    _held_up_steps(pruner, model, opt, 300, push=0.2)
+    bn = model.bn1
+    n0 = float(torch.hypot(bn.weight[0], bn.bias[0]))
+    assert control.state[0] == PRUNED
+    if not pull:
+        assert n0 > 0.5 and float(pruner.catalysts[0][0].detach()) == d0  # the loss won: the channel is back
+        return
+    assert n0 == 0.0 and abs(float(pruner.catalysts[0][0].detach())) > 0.2 / 0.1  # the pull grew past the push
+    pruned = control.split(control.state == PRUNED)
+    for bn, mask in zip((model.bn1, model.bn2, model.bn3), pruned):
+        assert bool((bn.weight[mask] == 0).all()) and bool((bn.bias[mask] == 0).all())
+        assert bool((bn.weight[~mask] != 0).all())
+    kept_now = torch.cat([d.detach() for d in pruner.catalysts])[control.state == KEPT]
+    torch.testing.assert_close(kept_now, kept_d, rtol=0, atol=0)
 
 
 def test_the_end_of_the_budget_decides_every_channel_by_its_side():
@@ -222,9 +277,11 @@ def test_stale_batchnorm_statistics_understate_a_shrunk_networks_accuracy(tiny_c
     weights shrank fast in opt1 is scored with stale statistics."""
     from catalyst_fused.pruning import run_pipeline
 
-    on = run_pipeline(tiny_config("on", dense_epochs=6, epochs=2, finetune_epochs=0), log=quiet)
-    off = run_pipeline(tiny_config("off", dense_epochs=6, epochs=2, finetune_epochs=0, bn_recalibration_batches=0),
-                       log=quiet)
+    # without the prune side's pull: with it, the tiny run's channels (all started on the prune side) are set to
+    # zero, and a network reduced to one channel per layer scores the same either way
+    on = run_pipeline(tiny_config("on", dense_epochs=6, epochs=2, finetune_epochs=0, prune_pull=False), log=quiet)
+    off = run_pipeline(tiny_config("off", dense_epochs=6, epochs=2, finetune_epochs=0, bn_recalibration_batches=0,
+                                   prune_pull=False), log=quiet)
     assert "re-estimated on 8 training batches" in on.evaluation and "running" in off.evaluation
     # identical training (statistics do not enter train-mode steps), different measurement
     assert [h["train_loss"] for h in on.history] == [h["train_loss"] for h in off.history]

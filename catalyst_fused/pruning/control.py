@@ -1,5 +1,6 @@
 """What Catalyst does around every optimizer step besides the penalty: threshold tracking, freezing of decided
-channels, the feedback to a target speed-up, and the end of the budget (catalyst-method.md section 9).
+channels, the feedback to a target speed-up, the end of the budget and the prune side's pull
+(catalyst-method.md section 9).
 
 After every optimizer step, :class:`CatalystControl` evaluates the corrected ratio
 ``u_i = c_i sqrt(k_i)`` of every group (:class:`~.dynamics.Coverage`) and, for the channels that are still
@@ -12,7 +13,7 @@ undecided:
    where the flow put it: ``u = 1`` stays the threshold of every group for the whole run, not only at the start.
 2. **Freezing (the stop rule's hysteresis).** A channel whose ``|log10 u_i|`` passes ``kappa`` is *decided*
    and its catalyst is frozen from then on (its gradient is dropped and its value restored after every
-   step). Argued from the flow: on the prune side, with ``d`` fixed, the group shrinks as
+   step; only step 5 changes it). Argued from the flow: on the prune side, with ``d`` fixed, the group shrinks as
    ``dn/dt = -lam k d``, linearly to 0 in ``1 / (lam sqrt(k) 10^kappa)`` steps, so ``c = d / n`` only grows;
    before, ``d`` drained with ``n`` (``d^2 - n^2`` is conserved) and ``c`` stalled where the loss's noise
    floor of ``n`` put it, which is why pruned channels hovered around ``kappa``. On the keep side the frozen
@@ -26,6 +27,14 @@ undecided:
 4. **End of the budget.** When ``budget_steps`` is known, at ``FORCE_FRACTION`` of it the channels still
    undecided are decided by the side they are on (``u > 1``: prune) and moved to ``u = 10^(+-kappa)``;
    the rest of the budget lets the prune side shrink to 0 before removal.
+5. **The prune side's pull** (``prune_pull``, on by default). A frozen ``d`` pulls a pruned group towards 0
+   with a constant force ``gamma |d|``; where the loss's gradient on the group is as strong, the group stops
+   short of 0 (BN mode, where the group is a channel's BN scale and shift: pruned channels held at a median
+   ``log10 u`` of 1.2 and the removal changed the logits by 6-12 on the small CNN at 3x). So the catalyst of
+   a pruned channel grows by a decade per ``pull_steps`` (the time the flow alone takes to empty a
+   just-decided group), and once one step of the pull, ``lam k d``, exceeds the group's mass ``n`` (the
+   flow would carry it past 0: ``c >= 1 / (lam k)``) the group's slices are set to zero instead of
+   overshooting. The pruned channels are then exactly zero when they are removed.
 
 The stop rule: every channel decided, and at least ``settle_steps`` since the last decision (the time the
 flow takes to shrink a just-frozen group to 0).
@@ -38,10 +47,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..layout import GroupLayout
 from .dynamics import Coverage, CorrectedStats
 from .targets import run_example_observed
 
-__all__ = ["FORCE_FRACTION", "FlopsModel", "CatalystControl", "UNDECIDED", "PRUNED", "KEPT"]
+__all__ = ["FORCE_FRACTION", "FlopsModel", "CatalystControl", "UNDECIDED", "PRUNED", "KEPT", "zero_groups_"]
 
 FORCE_FRACTION = 0.8
 UNDECIDED, PRUNED, KEPT = 0, 1, -1
@@ -147,6 +157,24 @@ def _last_channels(order_scores: torch.Tensor, segments: torch.Tensor, candidate
     return keep
 
 
+def zero_groups_(weights: Sequence[torch.Tensor], layout: Optional[GroupLayout], groups: torch.Tensor) -> None:
+    """Sets the slices of every group flagged in ``groups`` (bool, flat over all segments) to zero in
+    ``weights`` (``layout`` None: group ``i`` of segment ``k`` is row ``i`` of ``weights[k]``)."""
+    members = layout.members if layout is not None else [(k, 0, 0, w.shape[0], k, 0, 1) for k, w in enumerate(weights)]
+    sizes = layout.segment_sizes if layout is not None else [w.shape[0] for w in weights]
+    firsts = [0]
+    for size in sizes[:-1]:
+        firsts.append(firsts[-1] + size)
+    with torch.no_grad():
+        for tensor, dim, start, count, segment, offset, width in members:
+            first = firsts[segment] + offset
+            chosen = groups[first : first + count // width]
+            if bool(chosen.any()):
+                w = weights[tensor]
+                idx = chosen.repeat_interleave(width).nonzero().flatten() + start
+                w.index_fill_(dim, idx.to(w.device), 0)
+
+
 class CatalystControl:
     """The per-channel state and per-step logic of the module docstring, for one target set.
 
@@ -162,11 +190,13 @@ class CatalystControl:
         self.decided_at = torch.full((n,), -1, dtype=torch.long)  # step of the decision
         self.statistic_at_decision = torch.zeros(n, dtype=torch.float64)
         self.forced = torch.zeros(n, dtype=torch.bool)  # decided by the end of the budget, not by the flow
+        self.emptied_u = torch.zeros(n, dtype=torch.float64)  # u when step 5 first set the group to zero (0: never)
         self.tau_prev: Optional[torch.Tensor] = None  # threshold factor u / c of the previous step
         self.last_decision_step = -1
         self.total_shift = 0.0  # sum of the target feedback's shifts t (decades)
         self.last_shift = 0.0
         self._coverage: Optional[Coverage] = None
+        self._segment_cache: Optional[tuple] = None
 
     # --------------------------------------------------------------------------------------- helpers
     def coverage(self, ts, backend: str = "auto") -> Coverage:
@@ -193,31 +223,37 @@ class CatalystControl:
         self.forced[mask] = forced
         self.last_decision_step = step
 
-    def _spare_last(self, to_prune: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Of the channels about to be decided on the prune side, those that must stay so that no target
-        loses every channel (the one with the smallest ``s`` in such a target). Deciding them here, not only at
-        the removal, keeps the FLOPs the feedback predicts equal to what the removal obtains (a head or a
-        residual-stream channel kept back at the removal costs a lot)."""
-        if not bool(to_prune.any()):
-            return torch.zeros_like(to_prune)
-        segments = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
-        return _last_channels(s, segments, to_prune, self.state == PRUNED, len(self.sizes))
+    def _segments(self) -> torch.Tensor:
+        """The target index of every channel (flat), cached until the sizes change."""
+        key = tuple(self.sizes)
+        if self._segment_cache is None or self._segment_cache[0] != key:
+            self._segment_cache = (key, torch.repeat_interleave(torch.arange(len(key)), torch.tensor(key, dtype=torch.long)))
+        return self._segment_cache[1]
 
-    def _keep_spared(self, spare, s, flat_d, factors, kappa: float, step: int):
-        """Moves the spared channels to ``u = 10^-kappa`` and freezes them there, on the keep side (counted as
-        forced: the flow did not put them there)."""
-        f = torch.where(spare, 10.0 ** (-kappa - s), torch.ones_like(s))
-        factors, flat_d = factors * f, flat_d * f
-        s = torch.where(spare, torch.full_like(s, -kappa), s)
-        self._freeze(spare, torch.full_like(self.state, KEPT), flat_d, s, step, forced=True)
-        return factors, flat_d, s
+    def _spare_last(self, to_prune, s, flat_d, factors, kappa: float, step: int):
+        """Of the channels ``to_prune`` (about to be decided on the prune side), keeps those that must stay so
+        that no target loses every channel (the one with the smallest ``s`` in such a target): moves them to
+        ``u = 10^-kappa`` and freezes them there, on the keep side (counted as forced: the flow did not put
+        them there). Deciding them here, not only at the removal, keeps the FLOPs the feedback predicts equal
+        to what the removal obtains (a head or a residual-stream channel kept back at the removal costs a lot).
+        Returns ``(spared, factors, flat_d, s)``."""
+        spare = torch.zeros_like(to_prune)
+        if bool(to_prune.any()):
+            spare = _last_channels(s, self._segments(), to_prune, self.state == PRUNED, len(self.sizes))
+        if bool(spare.any()):
+            f = torch.where(spare, 10.0 ** (-kappa - s), torch.ones_like(s))
+            factors, flat_d = factors * f, flat_d * f
+            s = torch.where(spare, torch.full_like(s, -kappa), s)
+            self._freeze(spare, torch.full_like(self.state, KEPT), flat_d, s, step, forced=True)
+        return spare, factors, flat_d, s
 
     # ------------------------------------------------------------------------------------------ a step
     def after_step(self, ts, catalysts: Sequence[torch.Tensor], *, kappa: float, step: int,
                    rescale_: Callable[[torch.Tensor], None], flops: Optional[FlopsModel] = None,
                    target: Optional[float] = None, force_step: Optional[int] = None,
+                   pull_rate: Optional[float] = None, pull_steps: Optional[int] = None,
                    backend: str = "auto") -> CorrectedStats:
-        """Steps 1-4 of the module docstring, right after optimizer step number ``step`` (1-based), so that the
+        """Steps 1-5 of the module docstring, right after optimizer step number ``step`` (1-based), so that the
         catalysts are in their controlled state whenever the user reads them (statistics, decisions, the
         stop rule) and at the next penalty call; returns the statistics it acted on (``u`` after the
         adjustments)."""
@@ -234,10 +270,8 @@ class CatalystControl:
         s = torch.log10(u.clamp_min(1e-300))
         flat_d = torch.cat([d.detach().double().cpu() for d in catalysts]) * factors
         newly = und & (s.abs() > kappa)  # 2. decisions
-        spare = self._spare_last(newly & (s > 0), s)
+        spare, factors, flat_d, s = self._spare_last(newly & (s > 0), s, flat_d, factors, kappa, step)
         self._freeze(newly & ~spare, torch.where(s > 0, PRUNED, KEPT), flat_d, s, step)
-        if bool(spare.any()):
-            factors, flat_d, s = self._keep_spared(spare, s, flat_d, factors, kappa, step)
         und = self.undecided
         if target is not None and flops is not None and bool(und.any()):  # 3. feedback
             t = self.target_shift(s, flops, target)
@@ -249,10 +283,8 @@ class CatalystControl:
                 flat_d = flat_d * f
                 s = torch.where(und, s - t, s)
         if force_step is not None and step >= force_step and bool(und.any()):  # 4. end of the budget
-            spare = self._spare_last(und & (s > 0), s)
-            if bool(spare.any()):
-                factors, flat_d, s = self._keep_spared(spare, s, flat_d, factors, kappa, step)
-                und = self.undecided
+            _, factors, flat_d, s = self._spare_last(und & (s > 0), s, flat_d, factors, kappa, step)
+            und = self.undecided
             side = torch.where(s > 0, PRUNED, KEPT)
             goal = torch.where(s > 0, torch.full_like(s, kappa), torch.full_like(s, -kappa))
             f = torch.where(und, 10.0 ** (goal - s), torch.ones_like(s))
@@ -260,6 +292,19 @@ class CatalystControl:
             flat_d = flat_d * f
             s = torch.where(und, goal, s)
             self._freeze(und, side, flat_d, s, step, forced=True)
+        pruned = self.state == PRUNED
+        if pull_rate and pull_steps and bool(pruned.any()):  # 5. the prune side's pull
+            # one step of the pull, lam k d, takes the group's whole mass n: the flow would carry it past 0
+            gone = pruned & (st.ratios * (pull_rate * st.k) >= 1)
+            if bool(gone.any()):
+                zero_groups_(ts.weights, ts.layout, gone)
+                first = gone & (self.emptied_u == 0) & torch.isfinite(s)
+                self.emptied_u[first] = 10.0 ** s[first]
+            grow = pruned & ~gone
+            if bool(grow.any()):
+                f = torch.where(grow, torch.full_like(s, 10.0 ** (1.0 / pull_steps)), torch.ones_like(s))
+                factors, flat_d, s = factors * f, flat_d * f, s + torch.log10(f)
+                self.frozen_d = self.frozen_d * f
         if bool((factors != 1).any()):
             rescale_(factors)
         return CorrectedStats(st.norms, st.ratios, st.k, 10.0 ** s)
@@ -270,8 +315,7 @@ class CatalystControl:
         its last channel."""
         und = self.undecided
         pruned = self.state == PRUNED
-        segments = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
-        keep_last = _last_channels(s, segments, und, pruned, len(self.sizes))
+        keep_last = _last_channels(s, self._segments(), und, pruned, len(self.sizes))
         cand = (und & ~keep_last).nonzero().flatten()
         if cand.numel() == 0:
             return 0.0
@@ -298,6 +342,12 @@ class CatalystControl:
             return min(0.0, float(s[order[-1]]) - 1e-3)
         return 0.5 * (float(s[order[m - 1]]) + float(s[order[m]]))
 
+    def reported_statistic(self, s: torch.Tensor) -> torch.Tensor:
+        """``log10 u`` (flat) as reports show it: a group that step 5 emptied has ``u = inf`` from then on; it
+        shows the ``u`` at which it was emptied (at least ``1 / (lam sqrt(k))``), a finite lower bound."""
+        emptied = torch.isinf(s) & (s > 0) & (self.emptied_u > 0)
+        return torch.where(emptied, torch.log10(self.emptied_u.clamp_min(1e-300)), s)
+
     def stop_ready(self, step: int, settle_steps: int) -> bool:
         """Every channel decided, and ``settle_steps`` since the last decision."""
         return not bool(self.undecided.any()) and step - self.last_decision_step >= settle_steps
@@ -321,7 +371,7 @@ class CatalystControl:
     def narrow_(self, keep: Sequence[Optional[torch.Tensor]]) -> None:
         """Keeps the entries of the kept channels (``keep[s]``: indices per segment, None = all)."""
         parts = {name: self.split(getattr(self, name)) for name in
-                 ("state", "frozen_d", "decided_at", "statistic_at_decision", "forced")}
+                 ("state", "frozen_d", "decided_at", "statistic_at_decision", "forced", "emptied_u")}
         k_parts = None if self.tau_prev is None else self.split(self.tau_prev)
         for name, chunks in parts.items():
             setattr(self, name, torch.cat([c if idx is None else c[idx] for c, idx in zip(chunks, keep)]))
@@ -333,7 +383,7 @@ class CatalystControl:
     def state_dict(self) -> dict:
         return {"sizes": list(self.sizes), "state": self.state.clone(), "frozen_d": self.frozen_d.clone(),
                 "decided_at": self.decided_at.clone(), "statistic_at_decision": self.statistic_at_decision.clone(),
-                "forced": self.forced.clone(), "tau_prev": None if self.tau_prev is None else self.tau_prev.clone(),
+                "forced": self.forced.clone(), "emptied_u": self.emptied_u.clone(), "tau_prev": None if self.tau_prev is None else self.tau_prev.clone(),
                 "last_decision_step": self.last_decision_step, "total_shift": self.total_shift,
                 "last_shift": self.last_shift}
 
@@ -342,6 +392,8 @@ class CatalystControl:
             raise ValueError(f"Catalyst state: saved for targets of sizes {list(state['sizes'])}, these have {self.sizes}")
         for name in ("state", "frozen_d", "decided_at", "statistic_at_decision", "forced"):
             setattr(self, name, state[name].clone())
+        emptied = state.get("emptied_u")  # absent in states saved before the pull
+        self.emptied_u = torch.zeros_like(self.frozen_d) if emptied is None else emptied.clone()
         self.tau_prev = None if state["tau_prev"] is None else state["tau_prev"].clone()
         self.last_decision_step = int(state["last_decision_step"])
         self.total_shift = float(state["total_shift"])
@@ -353,5 +405,6 @@ class CatalystControl:
         decided = self.state != UNDECIDED
         return {"channels": n, "decided": int(decided.sum()), "pruned": int((self.state == PRUNED).sum()),
                 "kept_decided": int((self.state == KEPT).sum()), "forced": int(self.forced.sum()),
+                "emptied": int((self.emptied_u > 0).sum()),
                 "last_decision_step": self.last_decision_step, "total_target_shift_decades": self.total_shift,
                 "decision_steps": self.decided_at[decided].tolist()}

@@ -290,7 +290,8 @@ class Catalyst(PruningMethod):
         if p is not None and self._controlled(ts):
             self.control.after_step(ts, p.catalysts, kappa=p.kappa, step=p.steps + 1, rescale_=p.rescale_catalysts_,
                                     flops=p.flops_model() if p.target_speedup is not None else None,
-                                    target=p.target_speedup, force_step=p.force_step, backend=p.backend)
+                                    target=p.target_speedup, force_step=p.force_step, backend=p.backend,
+                                    **p.pull_settings())
 
     def scores(self, ts, catalysts, weights=None) -> list[torch.Tensor]:
         from .dynamics import Coverage
@@ -299,7 +300,10 @@ class Catalyst(PruningMethod):
             cov = self.control.coverage(ts, getattr(self._pruner, "backend", "auto"))
         else:
             cov = Coverage(ts.weights if weights is None else weights, ts.layout)
-        return list(torch.split(_log10(cov(catalysts).u), _segment_sizes(ts)))
+        s = _log10(cov(catalysts).u)
+        if self._controlled(ts):
+            s = self.control.reported_statistic(s)
+        return list(torch.split(s, _segment_sizes(ts)))
 
     def _state_masks(self, scores):
         if self.control is None or self.control.sizes != [len(s) for s in scores]:

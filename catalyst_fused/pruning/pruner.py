@@ -170,6 +170,10 @@ class Pruner:
             least-pruned extra channels (:func:`~catalyst_fused.pruning.methods.round_widths`); 1 = exact.
         budget_steps: optimizer steps of the sparsity stage (Catalyst: for ``gamma="auto"``, and to decide the
             channels still undecided at 80% of it).
+        prune_pull: Catalyst: the catalyst of a channel decided on the prune side grows a decade per
+            :meth:`settle_steps` until one step of its pull takes the group's whole mass, and the group is then
+            set to zero (:mod:`.control` step 5); False keeps it at its frozen value, where the loss can hold the
+            group away from zero.
 
     Raises:
         ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
@@ -206,6 +210,7 @@ class Pruner:
         targets: Optional[Sequence[Target]] = None,
         round_to: int = 1,
         budget_steps: Optional[int] = None,
+        prune_pull: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner: model must be an nn.Module, got {type(model).__name__}")
@@ -234,6 +239,7 @@ class Pruner:
         if self.gamma_auto and budget_steps is None:
             raise ValueError("Pruner: gamma='auto' needs budget_steps (optimizer steps of the sparsity stage)")
         self.budget_steps = budget_steps
+        self.prune_pull = bool(prune_pull)
         self.c0 = _check_number("c0", c0, positive=True)
         self.kappa = _check_number("kappa", kappa, positive=True)
         self.target_speedup = None if target_speedup is None else _check_number("target_speedup", target_speedup, positive=True)
@@ -402,6 +408,15 @@ class Pruner:
         if not lam:
             return 0
         return int(math.ceil(1.0 / (lam * math.sqrt(self._k_stats()["min"]) * 10.0 ** self.kappa))) + 10
+
+    def pull_settings(self) -> dict:
+        """The prune side's pull (:mod:`.control` step 5) for this step: ``{}`` when off or before an optimizer
+        is attached, else the rate ``lam`` (``pull_rate``) and the steps per decade of growth ``pull_steps``
+        (:meth:`settle_steps`: the time the flow alone would take to empty a just-decided group)."""
+        lam = self.rate() if self.prune_pull else None
+        if not lam:
+            return {}
+        return {"pull_rate": lam, "pull_steps": self.settle_steps(lam)}
 
     def flops_model(self) -> FlopsModel:
         """The FLOPs of the model as a function of prune masks (built once per set of targets)."""
@@ -654,7 +669,7 @@ class Pruner:
             "format": _STATE_FORMAT,
             "method": self.method.name, "mode": self.mode, "formulation": self.formulation.name,
             "bn_beta": self.bn_beta, "gamma": self.gamma, "gamma_auto": self.gamma_auto, "c0": self.c0,
-            "kappa": self.kappa, "budget_steps": self.budget_steps,
+            "kappa": self.kappa, "budget_steps": self.budget_steps, "prune_pull": self.prune_pull,
             "targets": [asdict(t) for t in self.targets],
             "catalysts": [d.detach().cpu().clone() for d in self.catalysts],
             "history": [dict(h) for h in self.history],
@@ -709,6 +724,7 @@ class Pruner:
                 d.copy_(saved)
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
         self.c0, self.kappa = float(state["c0"]), float(state["kappa"])
+        self.prune_pull = bool(state.get("prune_pull", self.prune_pull))
         self.steps = int(state["steps"])
         self.method.load_state_dict(state.get("method_state", {}))
 

@@ -84,8 +84,16 @@ _OPTYPE = tp.ops.OPTYPE
 _CONV_ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+class _ChannelCount:
+    """``channels`` of a slice: its ``count`` indices in groups of ``width``."""
+
+    @property
+    def channels(self) -> int:
+        return self.count // self.width
+
+
 @dataclass(frozen=True)
-class ModuleSlice:
+class ModuleSlice(_ChannelCount):
     """Indices ``[start, start + count)`` of module ``module`` (a name in ``model.named_modules()``) along the
     axis its role prunes, ``width`` consecutive indices per channel: index ``start + k`` is channel
     ``offset + k // width`` of the target."""
@@ -95,10 +103,6 @@ class ModuleSlice:
     count: int
     offset: int = 0
     width: int = 1
-
-    @property
-    def channels(self) -> int:
-        return self.count // self.width
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class NormSlice(ModuleSlice):
 
 
 @dataclass(frozen=True)
-class ParamSlice:
+class ParamSlice(_ChannelCount):
     """Indices ``[start, start + count)`` of parameter ``param`` (a name in ``model.named_parameters()``)
     along ``dim``, ``width`` per channel, covering channels ``[offset, offset + count // width)``."""
 
@@ -120,10 +124,6 @@ class ParamSlice:
     count: int
     offset: int = 0
     width: int = 1
-
-    @property
-    def channels(self) -> int:
-        return self.count // self.width
 
 
 @dataclass

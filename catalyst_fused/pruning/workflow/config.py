@@ -54,6 +54,7 @@ class PruneConfig:
     c0: float = 1.0  # corrected ratio u = c sqrt(k) every channel starts at (1: the threshold of every group)
     target_speedup: Optional[float] = None
     kappa: float = 1.0  # decided when |log10 u| > kappa (then frozen)
+    prune_pull: bool = True  # Catalyst: the prune side's pull grows until a decided group is emptied (control step 5)
     lr: float = 0.05
     opt1_lr: Optional[float] = None  # constant opt1 learning rate (default: OPT1_LR_FACTOR * lr)
     bn_recalibration_batches: int = 8  # BN statistics re-estimated on this many training batches before every accuracy

@@ -224,7 +224,9 @@ def prune(run: Run) -> None:
             undecided_total=sum(v["undecided"] for v in per_layer.values()),
             margin_log10c=margin(decisions), margin_log10c_decided_only=margin(decisions, decided_only=True),
             margin_definition=f"min {statistic} over pruned channels - max {statistic} over kept channels (incl. "
-                              "undecided), in decades",
+                              "undecided), in decades" + ("; a group the prune side's pull set to zero counts with "
+                              "the value at which it was zeroed (its ratio is infinite after), so the margin is a "
+                              "lower bound" if pruner.method.name == "catalyst" and pruner.prune_pull else ""),
             robustness=robustness,
             magnitude_bias=_magnitude_bias(run.state.initial_norms, decisions),
             # one entry per channel (targets in order): what the experiments in experiments/ plot
