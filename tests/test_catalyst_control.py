@@ -300,3 +300,21 @@ def test_random_pruning_is_seeded_and_reaches_its_target():
     summary = a.prune()
     assert summary.flops_ratio >= 2.0 and summary.channels_pruned > 0
     assert [len(s) for s in a.scores()] == [t.channels for t in a.targets]
+
+
+def test_a_restored_pruner_keeps_the_pace_of_the_run_it_continues():
+    """settle_steps and the pull's pace come from the k of the run's start; a resumed run builds its pruner on
+    later weights, so the state carries that k (without it, a resumed run emptied its groups at other steps)."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    pruner = cf.Pruner(model, (1, 8, 8), gamma=0.1)
+    pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
+    pace = (pruner.settle_steps(), pruner.pull_settings())
+    state = pruner.state_dict()
+    with torch.no_grad():  # the weights of a later epoch: another k
+        model.conv2.weight[:, :16] *= 0.1
+    again = cf.Pruner(model, (1, 8, 8), gamma=0.1)
+    again.attach_optimizer(torch.optim.SGD(again.param_groups(0.005, momentum=0.9)))
+    assert again.settle_steps() != pace[0]
+    again.load_state_dict(state)
+    assert (again.settle_steps(), again.pull_settings()) == pace

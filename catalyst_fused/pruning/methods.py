@@ -351,11 +351,18 @@ class Catalyst(PruningMethod):
             self.control.narrow_(keep)
 
     def state_dict(self) -> dict:
-        return {} if self.control is None else {"control": self.control.state_dict()}
+        out = {} if self.control is None else {"control": self.control.state_dict()}
+        if self.initial is not None:  # the k of the run's start: settle_steps and the pull's pace come from it
+            out["initial"] = {name: getattr(self.initial, name).clone() for name in ("norms", "ratios", "k", "u")}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        from .dynamics import CorrectedStats
+
         if self.control is not None and state.get("control") is not None:
             self.control.load_state_dict(state["control"])
+        if state.get("initial") is not None:  # a resumed run builds its pruner on later weights
+            self.initial = CorrectedStats(**{name: t.clone() for name, t in state["initial"].items()})
 
     def summary(self) -> dict:
         return {} if self.control is None else {"decisions": self.control.summary()}
