@@ -1,6 +1,7 @@
 """Public functions: the penalty (autograd and in-place), group norms and catalyst initialisation."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -188,6 +189,23 @@ def penalty_(
     A tensor that requires grad but is not a leaf (the result of an operation) is an error: it keeps no
     ``.grad``. Weights and their gradients must be contiguous.
     """
+    lean = operators.penalty_inplace_lean
+    if lean is not None and (backend == "auto" or backend == "cpp") and not torch.compiler.is_compiling():
+        # Plain CPU tensors: one C++ call does the selection, the checks, the missing gradients and the kernels
+        # (it returns None, having changed nothing, for anything the code below must handle).
+        value = _lean_scale(scale)
+        if value is not None and (nan_policy == "propagate" or nan_policy == "raise"):
+            if layout is None:
+                out = lean(weights, catalysts, value, None, None)
+            elif type(layout) is GroupLayout:
+                out = lean(weights, catalysts, value, layout.member_table, layout._shape_key)
+            else:
+                out = None
+            if out is not None:
+                stats = PenaltyStats._make(out)
+                if nan_policy == "raise":
+                    raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
+                return stats
     weights, catalysts = _prepare(weights, catalysts, layout, nan_policy)
     scale = check_scale(scale)
     if sharded.is_sharded(weights):  # DTensor weights (FSDP2): partial sums, one all-reduce, finish
@@ -244,6 +262,15 @@ def penalty_(
     if nan_policy == "raise":
         raise_if_not_finite(catalysts, stats.norms, _segment_sizes(catalysts))
     return stats
+
+
+def _lean_scale(scale) -> Optional[float]:
+    """``scale`` as a finite float for penalty_'s lean path, or None (then check_scale decides)."""
+    if type(scale) is float:
+        return scale if math.isfinite(scale) else None
+    if type(scale) is int and -(2**53) <= scale <= 2**53:
+        return float(scale)
+    return None
 
 
 def _unit_catalysts(weights, layout):

@@ -76,6 +76,12 @@ class GroupLayout:
         self.segment_sizes = tuple(sizes)
         self._sizes = [torch.Size(shape) for shape in self.shapes]  # what check compares weights' shapes with
         self._segment_shapes = [torch.Size((size,)) for size in sizes]
+        # The same shapes for the C++ lean path of penalty_ (csrc/module.cpp layout_matches): [T, S, ndim and
+        # sizes of every weight, size of every segment].
+        key = [len(self.shapes), len(sizes)]
+        for shape in self.shapes:
+            key += [len(shape), *shape]
+        self._shape_key = torch.tensor(key + sizes, dtype=torch.int64)
         # Checked before anything of a segment's size is allocated: a huge offset leaves groups uncovered.
         self._check_coverage(rows)
         self.member_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, MEMBER_COLUMNS)

@@ -38,6 +38,10 @@ except ImportError as error:  # a source checkout that was not built
     CPP_IMPORT_ERROR = error
 
 
+# cf.penalty_ on plain CPU tensors without the dispatcher (csrc/module.cpp); None without the extension.
+penalty_inplace_lean = getattr(_C, "penalty_inplace_lean", None) if CPP_IMPORT_ERROR is None else None
+
+
 def cpp_available() -> bool:
     """Whether the compiled operator library loaded (its CPU kernels are always built)."""
     return CPP_IMPORT_ERROR is None

@@ -1,6 +1,177 @@
 // Makes the operator library importable as `catalyst_fused._C`; importing it runs the TORCH_LIBRARY
-// registrations. No Python bindings live here: everything is reached through torch.ops.catalyst_fused.
+// registrations. The operators are reached through torch.ops.catalyst_fused; the one Python binding here is
+// cf.penalty_'s lean path for CPU tensors (penalty_inplace_lean below).
 #include <Python.h>
+
+#include "cpu/penalty_cpu.h"
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <vector>
+
+namespace {
+
+// Whether torch.ops.catalyst_fused.penalty_accumulate_selected_ would hand these tensors straight to its
+// CPU kernel: exactly torch.Tensor or nn.Parameter (no subclass: DTensor, FakeTensor, __torch_function__),
+// the dispatch keys of a plain dense CPU tensor (no Python key, no functorch wrapper, no neg/conj view).
+bool plain_cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  static const c10::DispatchKeySet plain = at::empty({0}).key_set();
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return t.key_set() == plain && t.device().is_cpu() && t.layout() == at::kStrided;
+}
+
+// The tensors of a list or tuple, or false if it is anything else or holds anything but plain CPU tensors.
+bool unpack(PyObject* seq, std::vector<at::Tensor>& out) {
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;  // other iterables: the Python path
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  if (n == 0) return false;
+  out.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!plain_cpu_tensor(items[i])) return false;
+    out.push_back(THPVariable_Unpack(items[i]));
+  }
+  return true;
+}
+
+// cf.penalty_'s selection: tensors that require grad get a gradient, and must be leaves. Returns false for a
+// non-leaf that requires grad (the Python path raises its error) or an existing .grad that is not a plain CPU
+// tensor (the operator path would dispatch on it).
+bool select(const std::vector<at::Tensor>& tensors, std::vector<at::Tensor>& grads, std::vector<int64_t>& index) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.requires_grad()) continue;
+    if (!t.is_leaf()) return false;
+    const at::Tensor& g = t.grad();
+    if (g.defined()) {
+      PyObject* obj = THPVariable_Wrap(g);  // the existing Python object of the .grad (new reference)
+      if (obj == nullptr) throw python_error();
+      const bool plain = plain_cpu_tensor(obj);
+      Py_DECREF(obj);
+      if (!plain) return false;
+    }
+    grads.push_back(g);
+    index.push_back(static_cast<int64_t>(i));
+  }
+  return true;
+}
+
+// Whether the tensors have the shapes a GroupLayout was built for: `key` is its int64 shape key
+// ([T, S, then ndim and sizes of every weight, then the size of every segment]).
+bool layout_matches(const at::Tensor& key, const std::vector<at::Tensor>& weights,
+                    const std::vector<at::Tensor>& catalysts) {
+  if (!key.device().is_cpu() || key.scalar_type() != at::kLong || key.dim() != 1 || !key.is_contiguous()) {
+    return false;
+  }
+  const int64_t* k = key.const_data_ptr<int64_t>();
+  const int64_t* end = k + key.numel();
+  if (end - k < 2 || k[0] != static_cast<int64_t>(weights.size()) || k[1] != static_cast<int64_t>(catalysts.size())) {
+    return false;
+  }
+  k += 2;
+  for (const at::Tensor& w : weights) {
+    if (k >= end || *k++ != w.dim() || end - k < w.dim()) return false;
+    for (int64_t size : w.sizes()) {
+      if (*k++ != size) return false;
+    }
+  }
+  for (const at::Tensor& d : catalysts) {
+    if (k >= end || d.dim() != 1 || *k++ != d.size(0)) return false;
+  }
+  return k == end;
+}
+
+// penalty_inplace_lean(weights, catalysts, scale: float, plan: Tensor | None, shape_key: Tensor | None)
+//   -> (penalty, norms, ratios), or None where cf.penalty_ must take its Python path instead.
+//
+// cf.penalty_ on plain CPU tensors in one call: the leaf / requires-grad selection, the checks of
+// penalty_accumulate_selected_ (plan and shapes cached by the kernels, validated on every call), the missing
+// .grad tensors created as zeros only once every check passed, and the operator's CPU kernel, without the
+// dispatcher's per-tensor argument handling. Anything unusual (an argument the Python path would reject or
+// treat differently, a subclass, a mode, autocast, inference mode) returns None before anything is changed,
+// so that the Python path runs with its own errors and semantics.
+PyObject* penalty_inplace_lean(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "penalty_inplace_lean takes 5 arguments");
+    return nullptr;
+  }
+  PyObject* plan_obj = args[3];
+  PyObject* key_obj = args[4];
+  if (!PyFloat_CheckExact(args[2]) || (plan_obj != Py_None && !THPVariable_CheckExact(plan_obj)) ||
+      (key_obj != Py_None && !THPVariable_CheckExact(key_obj)) || ((plan_obj == Py_None) != (key_obj == Py_None))) {
+    Py_RETURN_NONE;
+  }
+  const auto tls = c10::impl::tls_local_dispatch_key_set();
+  if (!(tls.included_ == c10::default_included_set) || !(tls.excluded_ == c10::default_excluded_set) ||
+      c10::InferenceMode::is_enabled() || at::impl::torch_function_mode_enabled() ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    Py_RETURN_NONE;
+  }
+  std::vector<at::Tensor> weights, catalysts;
+  if (!unpack(args[0], weights) || !unpack(args[1], catalysts)) Py_RETURN_NONE;
+  c10::optional<at::Tensor> plan;
+  if (plan_obj != Py_None) {
+    if (!layout_matches(THPVariable_Unpack(key_obj), weights, catalysts)) Py_RETURN_NONE;
+    plan = THPVariable_Unpack(plan_obj);
+  }
+  std::vector<at::Tensor> weight_grads, catalyst_grads;
+  std::vector<int64_t> weight_index, catalyst_index;
+  if (!select(weights, weight_grads, weight_index) || !select(catalysts, catalyst_grads, catalyst_index)) {
+    Py_RETURN_NONE;
+  }
+  const double scale = PyFloat_AS_DOUBLE(args[2]);
+  bool created = false;
+  auto create_missing = [&] {
+    created = true;
+    auto fill = [](const std::vector<at::Tensor>& like, std::vector<at::Tensor>& grads,
+                   const std::vector<int64_t>& index) {
+      for (size_t k = 0; k < grads.size(); ++k) {
+        if (grads[k].defined()) continue;
+        const at::Tensor& p = like[index[k]];
+        grads[k] = at::zeros_like(p, {}, at::MemoryFormat::Contiguous);
+        p.mutable_grad() = grads[k];  // what `p.grad = ...` does once its checks pass
+      }
+    };
+    fill(weights, weight_grads, weight_index);
+    fill(catalysts, catalyst_grads, catalyst_index);
+  };
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> stats;
+  {
+    pybind11::gil_scoped_release no_gil;  // as the operator call does
+    at::NoGradGuard no_grad;
+    try {
+      stats = catalyst_fused::cpu::accumulate_creating_grads(weights, catalysts, weight_grads, weight_index,
+                                                             catalyst_grads, catalyst_index, scale, plan,
+                                                             create_missing);
+    } catch (const std::exception&) {
+      if (created) throw;
+      // A check failed and nothing was changed: the Python path raises the error, with its own wording.
+      stats = {};
+    }
+  }
+  if (!std::get<0>(stats).defined()) Py_RETURN_NONE;
+  return Py_BuildValue("(NNN)", THPVariable_Wrap(std::get<0>(stats)), THPVariable_Wrap(std::get<1>(stats)),
+                       THPVariable_Wrap(std::get<2>(stats)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"penalty_inplace_lean", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&penalty_inplace_lean)),
+     METH_FASTCALL, "cf.penalty_ for plain CPU tensors without the dispatcher (None: use the Python path)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -9,7 +180,7 @@ PyObject* PyInit__C(void) {
       "_C",  // name
       "catalyst_fused operator library (registers torch.ops.catalyst_fused.*)",
       -1,    // no per-module state
-      nullptr,
+      methods,
   };
   return PyModule_Create(&module_def);
 }

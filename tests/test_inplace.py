@@ -210,3 +210,77 @@ def test_selected_operator(kernel):
             call(weights, catalysts, some_w, index, some_d, [1], 0.25, layout.member_table)
     with pytest.raises(ValueError, match=r"weight_grads\[1\] has shape \[6, 8, 3, 3\] but weights\[4\] has shape \[5, 6\]"):
         call(weights, catalysts, some_w, [0, 4], some_d, [1], 0.25, layout.member_table)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("grouped", [False, True], ids=["rows", "grouped"])
+def test_lean_path_equals_the_operator(grouped):
+    # cf.penalty_ on plain CPU tensors takes one C++ call (operators.penalty_inplace_lean) instead of the
+    # operator: same checks, same kernels, so bitwise the same results; frozen tensors get no gradient and
+    # missing ones are created.
+    from catalyst_fused import operators
+
+    if grouped:
+        weights, layout = conv_bn_conv(torch.float32)
+    else:
+        weights, layout = [torch.randn(s) for s in [(16, 3, 3, 3), (7, 13), (3, 17)]], None
+    catalysts = random_catalysts(weights, layout)
+    plan = None if layout is None else layout.member_table
+    for frozen in (None, 1):
+        ws, ds = params(weights), params(catalysts)
+        if frozen is not None:
+            ws[frozen].requires_grad_(False)
+        for p in ws[2:]:  # the others have no .grad yet
+            p.grad = torch.randn_like(p)
+        expected_w = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in ws]
+        expected_d = [torch.zeros_like(d) for d in ds]
+        expected = torch.ops.catalyst_fused.penalty_accumulate_(ws, ds, expected_w, expected_d, 0.3, plan)
+        got = operators.penalty_inplace_lean(ws, ds, 0.3, plan, None if layout is None else layout._shape_key)
+        assert got is not None
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        for i, w in enumerate(ws):
+            assert (w.grad is None) if i == frozen else torch.equal(w.grad, expected_w[i])
+        for d, e in zip(ds, expected_d):
+            assert torch.equal(d.grad, e)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_lean_path_steps_aside_and_rechecks_every_call():
+    from catalyst_fused import operators
+
+    lean = operators.penalty_inplace_lean
+    weights, layout = conv_bn_conv(torch.float32)
+    ws, ds = params(weights), params(random_catalysts(weights, layout))
+    key = layout._shape_key
+    # Arguments it does not handle: None, with nothing changed, so that the Python path decides.
+    assert lean(iter(ws), ds, 1.0, layout.member_table, key) is None
+    assert lean(ws, ds, 1.0, layout.member_table, torch.zeros(3, dtype=torch.int64)) is None  # other shapes
+    assert lean(ws, [d * 2 for d in ds], 1.0, layout.member_table, key) is None  # non-leaf catalysts
+    assert lean(ws, ds, 1, layout.member_table, key) is None  # scale not a float
+    assert lean([ws[0].double()] + ws[1:], ds, 1.0, layout.member_table, key) is None  # a failing check
+    assert all(p.grad is None for p in ws + ds)
+    with torch.inference_mode():
+        assert lean(ws, ds, 1.0, layout.member_table, key) is None
+
+    class Count(torch.overrides.TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():  # a mode sees the operator call of the Python path
+        cf.penalty_(ws, ds, layout=layout)
+    assert Count.calls > 0
+    first = [p.grad.clone() for p in ws + ds]
+    cf.penalty_(ws, ds, layout=layout)  # the lean path, on the same tensors
+    assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(ws + ds, first))
+    # Checks that passed before are not skipped when a tensor changes.
+    ws[1].grad = ws[0].grad.view(-1)[: ws[1].numel()].view_as(ws[1])
+    with pytest.raises(ValueError, match=r"weight_grads\[0\] and weight_grads\[1\] share memory"):
+        cf.penalty_(ws, ds, layout=layout)
+    ws[1].grad = torch.zeros_like(ws[1])
+    ws[0].data = torch.randn(ws[0].shape[0] + 1, *ws[0].shape[1:])
+    with pytest.raises(ValueError, match=r"weights\[0\] has shape .* but the layout was built for"):
+        cf.penalty_(ws, ds, layout=layout)

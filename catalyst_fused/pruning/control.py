@@ -363,7 +363,10 @@ class CatalystControl:
                     d.index_copy_(0, idx, v[m].to(device=d.device, dtype=d.dtype))
 
     def drop_frozen_grads_(self, catalysts: Sequence[torch.Tensor]) -> None:
-        for d, m in zip(catalysts, self.split(self.state != UNDECIDED)):
+        frozen = self.state != UNDECIDED
+        if not bool(frozen.any()):  # nothing decided yet: one test instead of one per segment, every step
+            return
+        for d, m in zip(catalysts, self.split(frozen)):
             if d.grad is not None and bool(m.any()):
                 d.grad[m.to(d.device)] = 0
 

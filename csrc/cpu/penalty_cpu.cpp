@@ -22,6 +22,7 @@
 #include "../plan.h"
 #include "buffers.h"
 #include "leaf_kernels.h"
+#include "penalty_cpu.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -631,6 +633,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_accumulate_selected_cpu(
   return accumulate(tensors, catalysts, weight_grads, catalyst_grads, weight_index, catalyst_index, scale,
                     prepared->plan, prepared->schedule);
 }
+
+}  // namespace
+
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_creating_grads(
+    at::TensorList tensors, at::TensorList catalysts, std::vector<at::Tensor>& weight_grads,
+    const std::vector<int64_t>& weight_index, std::vector<at::Tensor>& catalyst_grads,
+    const std::vector<int64_t>& catalyst_index, double scale, const c10::optional<at::Tensor>& plan_table,
+    const std::function<void()>& create_missing) {
+  const auto prepared = prepare(tensors, catalysts, plan_table, /*check_memory=*/false);
+  // The checks of penalty_accumulate_selected_ on the buffers that exist; the missing ones will be fresh
+  // contiguous zeros of the right shape, dtype and device, which pass them.
+  auto present = [](const std::vector<at::Tensor>& grads, const std::vector<int64_t>& index,
+                    std::vector<at::Tensor>& kept, std::vector<int64_t>& kept_index) {
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (!grads[k].defined()) continue;
+      kept.push_back(grads[k]);
+      kept_index.push_back(index[k]);
+    }
+  };
+  std::vector<at::Tensor> wg, dg;
+  std::vector<int64_t> wi, di;
+  present(weight_grads, weight_index, wg, wi);
+  present(catalyst_grads, catalyst_index, dg, di);
+  check_selection(wg, wi, tensors, "weight_grads", "weight_index", "weights", false);
+  check_selection(dg, di, catalysts, "catalyst_grads", "catalyst_index", "catalysts", false);
+  check_distinct({{"weights", tensors}, {"catalysts", catalysts}, {"weight_grads", wg}, {"catalyst_grads", dg}});
+  create_missing();
+  // All tensors selected: the index-free form, as cf.penalty_'s operator path calls it.
+  const bool all_w = weight_index.size() == tensors.size();
+  const bool all_d = catalyst_index.size() == catalysts.size();
+  return accumulate(tensors, catalysts, weight_grads, catalyst_grads,
+                    all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(weight_index),
+                    all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(catalyst_index), scale, prepared->plan,
+                    prepared->schedule);
+}
+
+}  // namespace cpu
+
+namespace {
 
 // Sharded weights (DTensor / FSDP2), step 1: every group's sum of squares over the slices this process
 // holds; the caller all-reduces them (one flat vector) and calls penalty_finish_.
