@@ -8,6 +8,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -148,7 +149,7 @@ PyObject* penalty_inplace_lean(PyObject* /*self*/, PyObject* const* args, Py_ssi
   std::tuple<at::Tensor, at::Tensor, at::Tensor> stats;
   {
     pybind11::gil_scoped_release no_gil;  // as the operator call does
-    at::NoGradGuard no_grad;
+    c10::AutoGradMode no_grad(false);  // c10's guard: at::NoGradGuard is not declared by these headers in torch 2.11
     try {
       stats = catalyst_fused::cpu::accumulate_creating_grads(weights, catalysts, weight_grads, weight_index,
                                                              catalyst_grads, catalyst_index, scale, plan,
