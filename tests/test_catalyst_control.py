@@ -318,3 +318,9 @@ def test_a_restored_pruner_keeps_the_pace_of_the_run_it_continues():
     assert again.settle_steps() != pace[0]
     again.load_state_dict(state)
     assert (again.settle_steps(), again.pull_settings()) == pace
+
+
+def test_prune_pull_must_be_a_bool():
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    with pytest.raises(TypeError, match="prune_pull must be True or False, got 'no'"):
+        cf.Pruner(model, (1, 8, 8), prune_pull="no")

@@ -239,7 +239,9 @@ class Pruner:
         if self.gamma_auto and budget_steps is None:
             raise ValueError("Pruner: gamma='auto' needs budget_steps (optimizer steps of the sparsity stage)")
         self.budget_steps = budget_steps
-        self.prune_pull = bool(prune_pull)
+        if not isinstance(prune_pull, bool):
+            raise TypeError(f"Pruner: prune_pull must be True or False, got {prune_pull!r}")
+        self.prune_pull = prune_pull
         self.c0 = _check_number("c0", c0, positive=True)
         self.kappa = _check_number("kappa", kappa, positive=True)
         self.target_speedup = None if target_speedup is None else _check_number("target_speedup", target_speedup, positive=True)
