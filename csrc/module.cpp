@@ -14,6 +14,7 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <vector>
@@ -23,11 +24,63 @@ namespace {
 // Whether torch.ops.catalyst_fused.penalty_accumulate_selected_ would hand these tensors straight to its
 // CPU kernel: exactly torch.Tensor or nn.Parameter (no subclass: DTensor, FakeTensor, __torch_function__),
 // the dispatch keys of a plain dense CPU tensor (no Python key, no functorch wrapper, no neg/conj view).
-bool plain_cpu_tensor(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj)) return false;
+bool plain_cpu_impl(const c10::TensorImpl* t) {
   static const c10::DispatchKeySet plain = at::empty({0}).key_set();
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  return t.key_set() == plain && t.device().is_cpu() && t.layout() == at::kStrided;
+  return t->key_set() == plain && t->device_type() == c10::kCPU && t->layout() == at::kStrided;
+}
+
+bool plain_cpu_tensor(PyObject* obj) {
+  return THPVariable_CheckExact(obj) && plain_cpu_impl(THPVariable_Unpack(obj).unsafeGetTensorImpl());
+}
+
+// Brings the metadata of a list's tensors and of their .grad tensors into the cache before the checks walk
+// it. A training step reaches the penalty with that metadata evicted (forward and backward stream the
+// activations through the cache), and the checks follow each tensor's chain of pointers (Python object ->
+// TensorImpl -> autograd meta -> .grad's TensorImpl -> storage) one link at a time: a memory latency per
+// link per tensor, serialised. Walking the chains level by level over all tensors lets the misses of a
+// level overlap. Only reads and prefetch hints: nothing is decided here.
+void prefetch_metadata(PyObject* seq) {
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  // A prefetch never faults, so null or stale addresses are harmless: no checks in these loops.
+  auto lines = [](const void* p, int count) {
+    for (int k = 0; k < count; ++k) __builtin_prefetch(static_cast<const char*>(p) + 64 * k);
+  };
+  constexpr int kImplLines = static_cast<int>((sizeof(c10::TensorImpl) + 63) / 64);
+  for (Py_ssize_t i = 0; i < n; ++i) lines(items[i], 1);
+  std::vector<c10::TensorImpl*> impls;  // the weights' or catalysts' impls, then their .grad impls
+  impls.reserve(2 * n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(items[i])) continue;
+    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+    lines(impl, kImplLines);
+    impls.push_back(impl);
+  }
+  const size_t tensors = impls.size();
+  for (size_t i = 0; i < tensors; ++i) {
+    lines(impls[i]->unsafe_storage().unsafeGetStorageImpl(), 1);
+    lines(impls[i]->autograd_meta(), 2);
+  }
+  for (size_t i = 0; i < tensors; ++i) {
+    const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impls[i]->autograd_meta());
+    if (meta == nullptr || !meta->grad_.defined()) continue;
+    c10::TensorImpl* grad = meta->grad_.unsafeGetTensorImpl();
+    lines(grad, kImplLines);
+    impls.push_back(grad);
+  }
+  for (size_t i = tensors; i < impls.size(); ++i) lines(impls[i]->unsafe_storage().unsafeGetStorageImpl(), 1);
+  // The first lines of every tensor's data (and .grad's): the hardware prefetcher only follows a stream once
+  // it has started, and many of these tensors are short (BatchNorm vectors of 16-64 channels: 1-4 lines).
+  try {
+    for (c10::TensorImpl* impl : impls) {
+      const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+      if (storage == nullptr || !plain_cpu_impl(impl)) continue;
+      lines(static_cast<const char*>(storage->data()) + impl->storage_offset() * impl->itemsize(), 2);
+    }
+  } catch (const std::exception&) {
+    // storage->data() refuses some storages; the checks after this reject such tensors with their own error.
+  }
 }
 
 // The tensors of a list or tuple, or false if it is anything else or holds anything but plain CPU tensors.
@@ -118,6 +171,8 @@ PyObject* penalty_inplace_lean(PyObject* /*self*/, PyObject* const* args, Py_ssi
       c10::impl::TorchDispatchModeTLS::any_modes_set()) {
     Py_RETURN_NONE;
   }
+  prefetch_metadata(args[0]);
+  prefetch_metadata(args[1]);
   std::vector<at::Tensor> weights, catalysts;
   if (!unpack(args[0], weights) || !unpack(args[1], catalysts)) Py_RETURN_NONE;
   c10::optional<at::Tensor> plan;

@@ -262,6 +262,17 @@ def test_lean_path_steps_aside_and_rechecks_every_call():
     assert all(p.grad is None for p in ws + ds)
     with torch.inference_mode():
         assert lean(ws, ds, 1.0, layout.member_table, key) is None
+    # The lists are read before any check (their metadata is prefetched): whatever they hold returns None
+    # unharmed, a meta or sparse weight, something not a tensor, a sparse .grad.
+    others = ws[1:]
+    assert lean([torch.empty(ws[0].shape, device="meta", requires_grad=True), *others], ds, 1.0, layout.member_table, key) is None
+    assert lean([ws[0].detach().to_sparse().requires_grad_(), *others], ds, 1.0, layout.member_table, key) is None
+    assert lean([3, *others], ds, 1.0, layout.member_table, key) is None
+    ws[0].grad = torch.zeros_like(ws[0]).to_sparse()
+    assert lean(ws, ds, 1.0, layout.member_table, key) is None
+    assert ws[0].grad.is_sparse and ws[0].grad._nnz() == 0
+    ws[0].grad = None
+    assert all(p.grad is None for p in ws + ds)
 
     class Count(torch.overrides.TorchFunctionMode):
         calls = 0
