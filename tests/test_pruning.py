@@ -28,6 +28,7 @@ from catalyst_fused.pruning import (
     prune_model,
     run_pipeline,
 )
+from catalyst_fused.pruning.workflow.runner import load_checkpoint
 
 # ------------------------------------------------------------------------------------------- targets
 SHAPES = {"small_cnn": (1, 8, 8), "resnet56": (3, 16, 16), "vgg19_bn": (3, 32, 32)}
@@ -209,6 +210,29 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_config, quiet):
     assert second.status == "interrupted" and second.stage == "finetune"
     resumed = run_pipeline(PruneConfig(out=str(tmp_path / "b")), resume=True, log=quiet)
     assert_resumed_run_equals_straight_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+
+
+def test_a_killed_run_keeps_the_time_of_its_epochs(tmp_path, tiny_config, quiet, monkeypatch):
+    """A kill leaves the checkpoint of the last finished epoch and nothing after it: that checkpoint counts the
+    stage's time so far, so that the resumed run's runtime includes the epochs made before the kill."""
+    from catalyst_fused.pruning.workflow.runner import Run
+
+    real = Run.end_of_epoch
+
+    def end_of_epoch(self, stage, epoch, record, **kw):
+        real(self, stage, epoch, record, **kw)
+        if stage == "opt1":
+            raise KeyboardInterrupt  # as a kill: no code of the workflow runs after the checkpoint
+
+    monkeypatch.setattr(Run, "end_of_epoch", end_of_epoch)
+    cfg = tiny_config("k", dense_epochs=1, epochs=2, finetune_epochs=0, train_limit=128, test_limit=64)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, log=quiet)
+    banked = load_checkpoint(tmp_path / "k" / "checkpoint.pt").elapsed
+    assert banked["dense"] > 0 and banked["opt1"] > 0
+    monkeypatch.undo()
+    report = run_pipeline(PruneConfig(out=str(tmp_path / "k")), resume=True, log=quiet)
+    assert report.runtime_s["opt1"] > banked["opt1"] and report.runtime_s["dense"] == banked["dense"]
 
 
 def test_a_target_speedup_is_reached_in_one_opt1_run_and_the_stop_rule_fires(tiny_config, quiet):

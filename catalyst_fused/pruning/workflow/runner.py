@@ -242,6 +242,7 @@ class Run:
         self.device = distributed.local_device(cfg.device)  # cuda -> cuda:LOCAL_RANK under torchrun
         self._stop_after = stop_after_epochs
         self._epochs_this_call = 0
+        self._timing: Optional[list] = None  # [stage, perf_counter of the last banking] while a stage is timed
         self.inputs = inputs
         self.input_shape = tuple(inputs.input_shape)
         self.loss_fn = inputs.loss_fn
@@ -332,6 +333,7 @@ class Run:
         s.optimizer = None if optimizer is None else optimizer.state_dict()
         s.scheduler = None if scheduler is None else scheduler.state_dict()
         s.rng = rng_state()
+        self._bank_time()
         self.save_state()
 
     def advance(self, stage: str) -> None:
@@ -349,11 +351,23 @@ class Run:
 
     @contextlib.contextmanager
     def timed(self, stage: str):
-        t0 = time.perf_counter()
+        self._timing = [stage, time.perf_counter()]
         try:
             yield
         finally:
-            self.state.elapsed[stage] = self.state.elapsed.get(stage, 0.0) + time.perf_counter() - t0
+            self._bank_time()
+            self._timing = None
+
+    def _bank_time(self) -> None:
+        """Adds the time the timed stage has run since it was last banked to ``state.elapsed``. Every
+        checkpoint banks, so that a resumed run's runtime includes the epochs made before the interruption
+        (only the time since the last checkpoint is lost with a crash)."""
+        if self._timing is None:
+            return
+        stage, since = self._timing
+        now = time.perf_counter()
+        self.state.elapsed[stage] = self.state.elapsed.get(stage, 0.0) + now - since
+        self._timing[1] = now
 
     def test_batch(self, n: int = 256) -> torch.Tensor:
         """Up to ``n`` test inputs (the verification batch)."""
