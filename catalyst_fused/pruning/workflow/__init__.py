@@ -135,8 +135,7 @@ def run_pipeline(config: PruneConfig, *, model=None, train_data=None, test_data=
             log(f"targets: {len(run.targets)} coupled groups, {sum(t.channels for t in run.targets)} channels; excluded: {dropped}")
         try:
             run_stages(run)
-        except Interrupt as stop:
-            run.save_state()  # the stage's time so far
+        except Interrupt as stop:  # raised right after a checkpoint, which holds the stage's time so far
             return Interrupted(stop.stage, stop.epoch)
         except Diverged as exc:
             log(f"error: {exc}")
