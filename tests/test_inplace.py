@@ -295,3 +295,76 @@ def test_lean_path_steps_aside_and_rechecks_every_call():
     ws[0].data = torch.randn(ws[0].shape[0] + 1, *ws[0].shape[1:])
     with pytest.raises(ValueError, match=r"weights\[0\] has shape .* but the layout was built for"):
         cf.penalty_(ws, ds, layout=layout)
+
+
+@pytest.mark.skipif(not cf.cpp_available(), reason="C++ extension not built")
+def test_lean_path_repeats_notice_every_change():
+    # A repeated call compares its arguments with the facts recorded when the same call last passed and,
+    # if all hold, runs the kernels at once. Each change below must be seen: the results must stay those of
+    # the operator (bitwise: same kernels, same plan) and its errors must still be raised.
+    weights, layout = conv_bn_conv(torch.float32)
+    ws, ds = params(weights), params(random_catalysts(weights, layout))
+
+    def step(scale=0.3):
+        expected_w = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in ws]
+        expected_d = [torch.zeros_like(d) if d.grad is None else d.grad.clone() for d in ds]
+        before = [None if p.grad is None else p.grad.clone() for p in ws + ds]
+        expected = torch.ops.catalyst_fused.penalty_accumulate_(ws, ds, expected_w, expected_d, scale, layout.member_table)
+        stats = cf.penalty_(ws, ds, scale=scale, layout=layout)
+        for got, want in zip(stats, expected):
+            assert torch.equal(got, want)
+        for p, want, old in zip(ws + ds, expected_w + expected_d, before):
+            if p.requires_grad:
+                assert torch.equal(p.grad, want)
+            else:
+                assert (p.grad is None) if old is None else torch.equal(p.grad, old)
+
+    for _ in range(3):  # the first call records, the others repeat
+        step()
+    with torch.no_grad():
+        ws[0].data = torch.randn_like(ws[0])  # new memory, same shape
+        ds[1].mul_(2)  # new values in the same memory
+    step()
+    ws[1].requires_grad_(False)
+    step()
+    ws[1].requires_grad_(True)
+    step()
+    ws[2].grad = None  # created again
+    step()
+    old = ws[0].grad
+    kept = old.clone()
+    ws[0].grad = torch.randn_like(ws[0])
+    step()
+    assert torch.equal(old, kept)  # the replaced buffer is not written
+    ws[3] = torch.nn.Parameter(torch.randn_like(ws[3]))  # another tensor in the list
+    step()
+    other = torch.nn.Parameter(torch.randn_like(ws[0]))
+    torch.utils.swap_tensors(ws[0], other)  # the same Python object, another tensor (and no .grad)
+    step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        step()
+    finally:
+        torch.set_num_threads(threads)
+    step(scale=-1.5)
+    ds[0].grad = torch.zeros(2 * ds[0].numel())[::2]
+    with pytest.raises(ValueError, match=r"catalyst_grads\[0\] must be contiguous"):
+        cf.penalty_(ws, ds, layout=layout)
+    ds[0].grad = torch.zeros_like(ds[0])
+    step()
+    ws[4].grad.data = torch.zeros(ws[4].shape, dtype=torch.float64)  # the same .grad tensor, another dtype
+    with pytest.raises(TypeError, match=r"weight_grads\[4\] has dtype torch.float64"):
+        cf.penalty_(ws, ds, layout=layout)
+    ws[4].grad.data = torch.zeros_like(ws[4])
+    step()
+    saved = layout.member_table.clone()
+    layout.member_table[0, 3] = 10**6  # the count of member 0, out of range
+    with pytest.raises(ValueError, match=r"plan member 0 takes 1000000 slices"):
+        cf.penalty_(ws, ds, layout=layout)
+    layout.member_table.copy_(saved)
+    step()
+    with torch.no_grad():  # two weights share memory: weights[1] (BatchNorm) is now a slice of weights[0]
+        ws[1].data = ws[0].data.view(-1)[: ws[1].numel()]
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        cf.penalty_(ws, ds, layout=layout)

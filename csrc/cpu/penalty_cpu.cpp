@@ -642,7 +642,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_creating_grads(
     at::TensorList tensors, at::TensorList catalysts, std::vector<at::Tensor>& weight_grads,
     const std::vector<int64_t>& weight_index, std::vector<at::Tensor>& catalyst_grads,
     const std::vector<int64_t>& catalyst_index, double scale, const c10::optional<at::Tensor>& plan_table,
-    const std::function<void()>& create_missing) {
+    const std::function<void()>& create_missing, std::shared_ptr<const void>* prepared_out) {
   const auto prepared = prepare(tensors, catalysts, plan_table, /*check_memory=*/false);
   // The checks of penalty_accumulate_selected_ on the buffers that exist; the missing ones will be fresh
   // contiguous zeros of the right shape, dtype and device, which pass them.
@@ -665,10 +665,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_creating_grads(
   // All tensors selected: the index-free form, as cf.penalty_'s operator path calls it.
   const bool all_w = weight_index.size() == tensors.size();
   const bool all_d = catalyst_index.size() == catalysts.size();
-  return accumulate(tensors, catalysts, weight_grads, catalyst_grads,
-                    all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(weight_index),
-                    all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(catalyst_index), scale, prepared->plan,
-                    prepared->schedule);
+  auto stats = accumulate(tensors, catalysts, weight_grads, catalyst_grads,
+                          all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(weight_index),
+                          all_w && all_d ? at::IntArrayRef() : at::IntArrayRef(catalyst_index), scale, prepared->plan,
+                          prepared->schedule);
+  if (prepared_out != nullptr) *prepared_out = prepared;
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_prepared(
+    const std::shared_ptr<const void>& prepared, at::TensorList tensors, at::TensorList catalysts,
+    at::TensorList weight_grads, at::IntArrayRef weight_index, at::TensorList catalyst_grads,
+    at::IntArrayRef catalyst_index, double scale) {
+  const auto& p = *static_cast<const Prepared*>(prepared.get());
+  return accumulate(tensors, catalysts, weight_grads, catalyst_grads, weight_index, catalyst_index, scale, p.plan,
+                    p.schedule);
 }
 
 }  // namespace cpu

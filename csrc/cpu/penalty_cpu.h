@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -21,7 +22,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_creating_grads(
     at::TensorList tensors, at::TensorList catalysts, std::vector<at::Tensor>& weight_grads,
     const std::vector<int64_t>& weight_index, std::vector<at::Tensor>& catalyst_grads,
     const std::vector<int64_t>& catalyst_index, double scale, const c10::optional<at::Tensor>& plan_table,
-    const std::function<void()>& create_missing);
+    const std::function<void()>& create_missing, std::shared_ptr<const void>* prepared_out = nullptr);
+
+// The kernels alone, with the plan and schedule a passing accumulate_creating_grads call returned in
+// *prepared_out. No check runs: the caller must know that the arguments are the ones that call validated
+// (the same tensors with the same shapes, dtype, memory and table, and the same thread count), with
+// every selected gradient buffer present. Empty indices: every tensor is selected.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accumulate_prepared(
+    const std::shared_ptr<const void>& prepared, at::TensorList tensors, at::TensorList catalysts,
+    at::TensorList weight_grads, at::IntArrayRef weight_index, at::TensorList catalyst_grads,
+    at::IntArrayRef catalyst_index, double scale);
 
 }  // namespace cpu
 }  // namespace catalyst_fused
