@@ -150,7 +150,7 @@ bool layout_matches(const at::Tensor& key, const std::vector<at::Tensor>& weight
   return k == end;
 }
 
-// ---- The facts of the last call that passed --------------------------------------------------------------
+// ---- The facts of the last calls that passed -------------------------------------------------------------
 //
 // A training step calls cf.penalty_ with the same tensors every time. The checks above and those of the
 // operator cost about 1.5 us a tensor (hundreds of calls through libtorch, a reference count that goes
@@ -471,7 +471,8 @@ bool run_recorded(PyObject* const* args, std::tuple<at::Tensor, at::Tensor, at::
 // .grad tensors created as zeros only once every check passed, and the operator's CPU kernel, without the
 // dispatcher's per-tensor argument handling. Anything unusual (an argument the Python path would reject or
 // treat differently, a subclass, a mode, autocast, inference mode) returns None before anything is changed,
-// so that the Python path runs with its own errors and semantics.
+// so that the Python path runs with its own errors and semantics. A repeated call whose recorded facts all
+// still hold (run_recorded) skips straight to the kernels.
 PyObject* penalty_inplace_lean(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 5) {
