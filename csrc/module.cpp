@@ -542,12 +542,17 @@ PyObject* penalty_inplace_lean(PyObject* /*self*/, PyObject* const* args, Py_ssi
     }
   }
   if (!std::get<0>(stats).defined()) Py_RETURN_NONE;
+  // Recorded only if no .grad had to be created: a loop that sets them to None every step
+  // (optimizer.zero_grad(set_to_none=True)) hands new ones to every call, which would never repeat a
+  // recorded call and pay for recording and comparing. Such a call also drops its stale record.
   std::shared_ptr<const CallFacts> call;
-  try {
-    call = record(args, weight_objs, weights, catalyst_objs, catalysts, std::move(weight_index),
-                  std::move(catalyst_index), std::move(prepared));
-  } catch (const std::exception&) {
-    // Facts that cannot be read (see run_recorded): nothing recorded, the next call takes this path again.
+  if (!created) {
+    try {
+      call = record(args, weight_objs, weights, catalyst_objs, catalysts, std::move(weight_index),
+                    std::move(catalyst_index), std::move(prepared));
+    } catch (const std::exception&) {
+      // Facts that cannot be read (see run_recorded): nothing recorded, the next call takes this path again.
+    }
   }
   keep_recorded(std::move(call), args);
   return Py_BuildValue("(NNN)", THPVariable_Wrap(std::get<0>(stats)), THPVariable_Wrap(std::get<1>(stats)),

@@ -319,7 +319,7 @@ def test_lean_path_repeats_notice_every_change():
             else:
                 assert (p.grad is None) if old is None else torch.equal(p.grad, old)
 
-    for _ in range(3):  # the first call records, the others repeat
+    for _ in range(3):  # the first call creates the .grad tensors, the second records, the third repeats
         step()
     with torch.no_grad():
         ws[0].data = torch.randn_like(ws[0])  # new memory, same shape
@@ -329,7 +329,8 @@ def test_lean_path_repeats_notice_every_change():
     step()
     ws[1].requires_grad_(True)
     step()
-    ws[2].grad = None  # created again
+    ws[2].grad = None  # created again (a call that creates a .grad records nothing: the next one records)
+    step()
     step()
     old = ws[0].grad
     kept = old.clone()
@@ -340,6 +341,7 @@ def test_lean_path_repeats_notice_every_change():
     step()
     other = torch.nn.Parameter(torch.randn_like(ws[0]))
     torch.utils.swap_tensors(ws[0], other)  # the same Python object, another tensor (and no .grad)
+    step()
     step()
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
