@@ -12,6 +12,7 @@ Defaults run on CPU in a few minutes (small_cnn on sklearn digits). See
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields
 from typing import Optional, Sequence
@@ -19,73 +20,36 @@ from typing import Optional, Sequence
 from . import require_pruning_extra
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _number(kind, accept, requirement: str):
+    """An argparse type: ``kind(text)``, refused with "must be <requirement>" unless ``accept`` holds."""
+    noun = "an integer" if kind is int else "a number"
 
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}")
+        if not accept(value):  # written as "not ..." so that NaN is refused too
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
     return parse
+
+
+def _int_at_least(low: int):
+    return _number(int, lambda v: v >= low, f">= {low}")
+
+
+_nonneg_int = _int_at_least(0)
+_positive_float = _number(float, lambda v: v > 0, "> 0")
+_nonneg_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # momentum, sparsity
 
 
 def _gamma(text: str):
     if text == "auto":
         return text
     return _nonneg_float(text)
-
-
-def _momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: off)")
     p.add_argument("--catalyst-lr", type=_positive_float, default=None, help="catalyst learning rate (default: --lr)")
     p.add_argument("--finetune-lr", type=_positive_float, default=d.finetune_lr)
-    p.add_argument("--momentum", type=_momentum, default=d.momentum)
+    p.add_argument("--momentum", type=_fraction, default=d.momentum)
     p.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay)
     p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size)
     p.add_argument("--seed", type=_nonneg_int, default=d.seed)
