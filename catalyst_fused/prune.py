@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=_int_at_least(1), default=d.round_to,
                    help="round every kept width up to a multiple of this (e.g. 8 or 16) by keeping the least-pruned "
                         "extra channels; 1 = no rounding")
+    p.add_argument("--max-prune-fraction", type=float, default=d.max_prune_fraction,
+                   help="width floor: no layer loses more than this fraction of its channels (it keeps at least "
+                        "ceil((1 - f) n), at least 1); 1 = all but one")
     p.add_argument("--bn-gamma-only", action="store_true", help="bn mode: regularise gamma only (not beta)")
     p.add_argument("--no-prune-pull", action="store_true",
                    help="Catalyst: keep a decided prune-side catalyst at its frozen value (the control before the pull): "

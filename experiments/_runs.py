@@ -138,6 +138,9 @@ def _identity(cfg: PruneConfig) -> dict:
     # cannot change (other methods, no opt1) are not made again
     if not d.get("prune_pull", False) or d["method"] != "catalyst" or not d["epochs"]:
         d.pop("prune_pull", None)
+    # the width floor came later still: a dense-only run (no opt1) keeps its key, every other run is made again
+    if not d["epochs"]:
+        d.pop("max_prune_fraction", None)
     return d
 
 

@@ -121,17 +121,19 @@ def test_the_end_of_the_budget_decides_every_channel_by_its_side():
     assert int((control.state == PRUNED).sum()) == sum(d.numel() // 4 for d in pruner.catalysts)
 
 
-def test_no_target_is_decided_away_entirely():
-    """Every channel of the first target starts above the threshold (the others below): its channels are decided
-    on the prune side one by one, except the last, which is kept (moved to the keep side, counted as forced), so
-    that what the control predicts is what the removal obtains."""
+@pytest.mark.parametrize("fraction", [1.0, 0.9])
+def test_no_target_is_decided_below_its_width_floor(fraction):
+    """Every channel of the first target (32 of them) starts above the threshold (the others below): its
+    channels are decided on the prune side, except the last ``min_width`` of them (1 with fraction 1, 4 with
+    the default 0.9), which are kept (moved to the keep side, counted as forced and spared), so that what the
+    control predicts is what the removal obtains."""
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1)
-    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0)
+    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=0.1, c0=1.0, kappa=1.0, max_prune_fraction=fraction)
     with torch.no_grad():
         first = pruner.catalysts[0]
         first *= 1.1
-        first[3] /= 1.05  # the slowest of them: the one left when the others have gone
+        first[3] /= 1.05  # the slowest of them: one of those left when the others have gone
         for d in pruner.catalysts[1:]:
             d *= 0.9
     opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
@@ -142,12 +144,50 @@ def test_no_target_is_decided_away_entirely():
             break
     assert pruner.all_decided()
     n = first.numel()
+    floor = 1 if fraction == 1.0 else 4
+    assert control.floors[0] == floor
     state = control.state[:n]
-    assert int((state == PRUNED).sum()) == n - 1 and state[3] == KEPT and bool(control.forced[3])
+    assert int((state == PRUNED).sum()) == n - floor and state[3] == KEPT and bool(control.forced[3])
+    assert bool(control.spared[:n][state == KEPT].all()) and int(control.spared.sum()) == floor
     assert float(control.statistic_at_decision[3]) == pytest.approx(-1.0)  # moved to the keep side when frozen
     assert float(pruner.scores()[0][3]) < 0  # and still there
     assert not bool(control.forced[:n][state == PRUNED].any())
-    assert torch.equal(pruner.decisions()[0].prune, state == PRUNED)
+    decision = pruner.decisions()[0]
+    assert torch.equal(decision.prune, state == PRUNED) and decision.forced_keep
+    assert control.summary()["spared_by_width_floor"] == floor
+
+
+@pytest.mark.parametrize("target", [None, 1000.0])
+def test_feedback_and_end_of_budget_stop_at_the_width_floor(target):
+    """The VGG-19-BN failure in small: every channel of the first target sits just above the threshold (no
+    target), or an unreachable target speed-up pushes every undecided channel to the prune side (1000x). The end
+    of the budget decides them all by their side, but no target goes below its floor (4 of 32, 7 of 64), the
+    channels kept back are the least pruned ones, and the FLOPs the control predicts are the removal's."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    pruner = cf.Pruner(model, (1, 8, 8), mode="bn", gamma=1e-4, c0=1.0, kappa=1.0, budget_steps=50,
+                       target_speedup=target)
+    with torch.no_grad():
+        first = pruner.catalysts[0]
+        first *= 1.001
+        first[:5] *= torch.tensor([0.9999, 0.99985, 0.9998, 0.99975, 0.9997])  # the five least pruned
+    opt = pruner.attach_optimizer(torch.optim.SGD(pruner.param_groups(0.005, momentum=0.9)))
+    control = pruner.method.control
+    no_loss_steps(pruner, model, opt, 40)  # step 40 = 80% of the budget
+    assert not bool((control.state == UNDECIDED).any()) and bool(control.forced.all())
+    assert control.floors == [4, 7, 7]
+    kept = [int((st != PRUNED).sum()) for st in control.split(control.state)]
+    if target is None:
+        assert kept[0] == 4 and kept[1:] == [64, 64]
+        assert (control.split(control.state)[0][:5] == KEPT).tolist() == [False, True, True, True, True]
+    else:
+        assert kept == [4, 7, 7]
+    decisions = pruner.decisions()
+    assert [d.channels - int(d.prune.sum()) for d in decisions] == kept
+    assert decisions[0].forced_keep
+    predicted = float(pruner.flops_model().ratio(control.state == PRUNED))
+    summary = pruner.prune()
+    assert summary.macs_before / summary.macs_after == pytest.approx(predicted, rel=1e-9)
 
 
 def test_target_feedback_holds_the_predicted_speedup():

@@ -16,14 +16,18 @@ from catalyst_fused.layout import GroupLayout, Slices
 from catalyst_fused.pruning import PruneConfig, run_pipeline
 from catalyst_fused.pruning.methods import (
     METHODS,
+    check_max_prune_fraction,
     decision_flips,
     get_method,
+    min_width,
     rank_decisions,
     scale_groups_,
     spearman,
     threshold_decisions,
     top_k_decisions,
+    width_floors,
 )
+from catalyst_fused.models import build_model
 from catalyst_fused.pruning.targets import TargetSet
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -134,6 +138,52 @@ def test_threshold_and_rank_decisions_never_empty_a_layer():
     assert sum(int(m.sum()) for m in masks) == 2 and masks[1].tolist() == [False, True]
     masks = rank_decisions(scores, speedup_of, 100.0)  # unreachable: everything removable goes
     assert sum(int(m.sum()) for m in masks) == 3
+
+
+def test_min_width_rounds_up_and_keeps_one():
+    assert [min_width(n) for n in (1, 2, 10, 11, 16, 20, 32, 512)] == [1, 1, 1, 2, 2, 2, 4, 52]  # 0.1 * 20 is 2, not 3
+    assert [min_width(n, 1.0) for n in (1, 16, 512)] == [1, 1, 1]
+    assert min_width(16, 0.5) == 8 and width_floors([4, 64], 0.75) == [1, 16]
+    for bad in (0, 0.0, -0.1, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match="max_prune_fraction must be a number in"):
+            check_max_prune_fraction(bad)
+    with pytest.raises(ValueError, match="--max-prune-fraction"):
+        PruneConfig(max_prune_fraction=0.0).validate()
+
+
+def test_decisions_keep_the_width_floor():
+    """With floors, the threshold and the ranking stop at each segment's floor; the channels that stay are the
+    ones with the smallest statistic."""
+    scores = [torch.tensor([5.0, 4.0, 3.0, 1.0]), torch.tensor([2.0, 6.0, 7.0])]
+    masks = threshold_decisions(scores, 0.0, floors=[2, 1])
+    assert [m.tolist() for m in masks] == [[True, True, False, False], [False, True, True]]
+    # ranking: 7 (seg 1, then its floor of 2 stops it), 5, 4 (seg 0, then its floor of 2 stops it)
+    assert [m.tolist() for m in top_k_decisions(scores, 10, floors=[2, 2])] == [[True, True, False, False],
+                                                                              [False, False, True]]
+
+    def speedup_of(masks):  # every removed channel is worth 1 unit out of 7
+        return 7.0 / (7.0 - sum(int(m.sum()) for m in masks))
+
+    masks = rank_decisions(scores, speedup_of, 100.0, floors=[3, 2])  # unreachable: down to the floors
+    assert [m.tolist() for m in masks] == [[True, False, False, False], [False, False, True]]
+    with pytest.raises(ValueError, match="one minimum width per segment"):
+        threshold_decisions(scores, 0.0, floors=[1])
+
+
+def test_baselines_respect_the_width_floor_of_the_pruner():
+    """An unreachable target: the random ranking removes every channel it may, and each target then keeps
+    exactly its floor (4 of 32 with the default 0.9, 16 of 32 with 0.5)."""
+    for fraction, floor in ((0.9, 4), (0.5, 16)):
+        torch.manual_seed(0)
+        model = build_model("small_cnn", num_classes=10, in_channels=1)
+        pruner = cf.Pruner(model, (1, 8, 8), method="random", gamma=0.0, target_speedup=1000.0,
+                           max_prune_fraction=fraction)
+        for d, t in zip(pruner.decisions(), pruner.targets):
+            assert d.channels - int(d.prune.sum()) == min_width(d.channels, fraction)
+            assert d.forced_keep
+        assert min(d.channels - int(d.prune.sum()) for d in pruner.decisions()) == floor
+    with pytest.raises(ValueError, match="Pruner: max_prune_fraction"):
+        cf.Pruner(model, (1, 8, 8), method="random", gamma=0.0, max_prune_fraction=0)
 
 
 def test_spearman_matches_scipy_with_ties():

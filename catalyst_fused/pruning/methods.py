@@ -34,7 +34,11 @@ method           training (objective / step)                  statistic ``s``   
   of ``s`` (a global ranking, as network slimming does) until the FLOPs ratio reaches the target; without
   one, channels with ``n_i <= norm_threshold`` are removed. ``random`` is the control: the same epochs of
   plain training, then a random order.
-* A layer never loses all its channels (the channel with the smallest ``s`` stays: ``forced_keep``).
+* **Width floor** (``max_prune_fraction``, default 0.9): no rule removes more than that fraction of a target's
+  channels; every target keeps at least ``min_width(n) = max(1, ceil((1 - max_prune_fraction) n))``, the
+  channels with the smallest ``s`` among those it would remove (``forced_keep`` when the floor binds). Without
+  it, a FLOPs target is reached most cheaply by emptying the layers whose channels cost the fewest FLOPs
+  each: on VGG-19-BN at 3x the late 512-wide layers went down to 1-7 channels and the network did not recover.
 * Width rounding (:func:`round_widths`, the pruner's ``round_to``): kept widths are rounded **up** to a
   multiple of ``round_to`` by keeping, among the channels a rule would remove, those with the smallest ``s``
   (the least pruned); widths such as 13 are slow for CPU kernels that work in blocks of 8 or 16 channels.
@@ -51,12 +55,16 @@ from .. import functional as F_cf
 from .. import sparsity as F_cf_sparsity
 
 __all__ = [
+    "DEFAULT_MAX_PRUNE_FRACTION",
+    "check_max_prune_fraction",
     "METHODS",
     "Decision",
     "DecisionRule",
     "RuleContext",
     "PruningMethod",
     "get_method",
+    "min_width",
+    "width_floors",
     "rank_decisions",
     "round_widths",
     "threshold_decisions",
@@ -68,6 +76,25 @@ __all__ = [
 
 # log10 of a norm or ratio; zeros map to -300 (a zero filter's c is +inf: always prunable).
 _TINY = 1e-300
+DEFAULT_MAX_PRUNE_FRACTION = 0.9
+
+
+def check_max_prune_fraction(value, where: str = "max_prune_fraction") -> float:
+    """``value`` as a float in (0, 1], or a ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < float(value) <= 1):
+        raise ValueError(f"{where} must be a number in (0, 1] (the largest fraction of a layer's channels a decision "
+                         f"may remove; 1 = all but one), got {value!r}")
+    return float(value)
+
+
+def min_width(channels: int, max_prune_fraction: float = DEFAULT_MAX_PRUNE_FRACTION) -> int:
+    """The fewest channels a target of ``channels`` keeps: ``max(1, ceil((1 - max_prune_fraction) channels))``
+    (rounded to 9 digits first, so that 0.1 * 20 is 2, not 3), at most ``channels``."""
+    return min(int(channels), max(1, math.ceil(round((1.0 - max_prune_fraction) * channels, 9))))
+
+
+def width_floors(sizes: Sequence[int], max_prune_fraction: float = DEFAULT_MAX_PRUNE_FRACTION) -> list[int]:
+    return [min_width(n, max_prune_fraction) for n in sizes]
 
 
 def _log10(x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +160,10 @@ class RuleContext:
     target_speedup: Optional[float] = None
     norm_threshold: float = 1e-2
     speedup_of: Optional[Callable[[list], float]] = None  # prune masks -> FLOPs ratio dense / pruned
+    max_prune_fraction: float = DEFAULT_MAX_PRUNE_FRACTION  # the width floor (min_width)
+
+    def floors(self, scores: Sequence[torch.Tensor]) -> list[int]:
+        return width_floors([len(s) for s in scores], self.max_prune_fraction)
 
 
 @dataclass
@@ -196,21 +227,24 @@ class PruningMethod:
             count = [0]
 
             def decide(scores):
-                masks = rank_decisions(scores, ctx.speedup_of, ctx.target_speedup)
+                floors = ctx.floors(scores)
+                masks = rank_decisions(scores, ctx.speedup_of, ctx.target_speedup, floors)
                 count[0] = sum(int(m.sum()) for m in masks)
                 rule.text = (f"remove the {count[0]} channels with the largest {self.statistic} (one global ranking), the "
                              f"fewest that reach a {ctx.target_speedup}x FLOPs ratio")
-                return _no_undecided(scores, masks)
+                return _no_undecided(scores, masks, floors)
 
             def redecide(scores):  # the same number of channels again
-                return _no_undecided(scores, top_k_decisions(scores, count[0]))
+                floors = ctx.floors(scores)
+                return _no_undecided(scores, top_k_decisions(scores, count[0], floors), floors)
 
             rule.decide, rule.redecide = decide, redecide
             return rule
         threshold = -math.log10(ctx.norm_threshold)
 
         def by_threshold(scores):
-            return _no_undecided(scores, threshold_decisions(scores, threshold))
+            floors = ctx.floors(scores)
+            return _no_undecided(scores, threshold_decisions(scores, threshold, floors), floors)
 
         return DecisionRule(f"remove iff the group norm n_i <= norm_threshold={ctx.norm_threshold}", by_threshold, by_threshold)
 
@@ -236,8 +270,23 @@ class PruningMethod:
         return {}
 
 
-def _no_undecided(scores, masks) -> list:
-    return [(m, torch.zeros_like(m), bool(len(m) > 1 and int(m.sum()) == len(m) - 1)) for m in masks]
+def _no_undecided(scores, masks, floors) -> list:
+    """(prune, undecided, forced_keep) per target; ``forced_keep``: the width floor is what stopped the removal
+    (the target is down to its floor and more channels were candidates)."""
+    return [(m, torch.zeros_like(m), bool(len(m) > f and len(m) - int(m.sum()) == f)) for m, f in zip(masks, floors)]
+
+
+def keep_to_floor(prune: torch.Tensor, s: torch.Tensor, floor: int) -> tuple[torch.Tensor, bool]:
+    """``prune`` with the channels of smallest ``s`` among the pruned ones kept back until at least ``floor``
+    channels stay; and whether any was."""
+    short = floor - (len(prune) - int(prune.sum()))
+    if short <= 0:
+        return prune, False
+    candidates = prune.nonzero().flatten()
+    back = candidates[torch.argsort(s[candidates], stable=True)[:short]]
+    prune = prune.clone()
+    prune[back] = False
+    return prune, True
 
 
 class Catalyst(PruningMethod):
@@ -270,7 +319,8 @@ class Catalyst(PruningMethod):
 
         backend = getattr(self._pruner, "backend", "auto")
         catalysts, self.initial = threshold_corrected_catalysts(ts.weights, ts.layout, c0, backend=backend)
-        self.control = CatalystControl(_segment_sizes(ts))
+        fraction = getattr(self._pruner, "max_prune_fraction", DEFAULT_MAX_PRUNE_FRACTION)
+        self.control = CatalystControl(_segment_sizes(ts), max_prune_fraction=fraction)
         st = self.initial
         self.control.tau_prev = torch.where((st.ratios > 0) & torch.isfinite(st.ratios), st.u / st.ratios,
                                             torch.ones_like(st.u))
@@ -305,8 +355,11 @@ class Catalyst(PruningMethod):
             s = self.control.reported_statistic(s)
         return list(torch.split(s, _segment_sizes(ts)))
 
+    def _controlled_sizes(self, sizes) -> bool:
+        return self.control is not None and self.control.sizes == list(sizes)
+
     def _state_masks(self, scores):
-        if self.control is None or self.control.sizes != [len(s) for s in scores]:
+        if not self._controlled_sizes([len(s) for s in scores]):
             return None
         from .control import PRUNED, UNDECIDED
 
@@ -324,24 +377,31 @@ class Catalyst(PruningMethod):
     def rule(self, ctx: RuleContext) -> DecisionRule:
         kappa = ctx.kappa
 
-        def finish(prune, undecided, s):
-            forced = False
-            if bool(prune.all()):
-                prune = prune.clone()
-                prune[int(torch.argmin(s))] = False
-                forced = True
+        def finish(prune, undecided, s, floor):
+            # the control already keeps the floor while it decides; this covers the stateless rule and
+            # perturbed statistics
+            prune, forced = keep_to_floor(prune, s, floor)
             return prune, undecided, forced
 
+        def floors_of(scores):
+            if self._controlled_sizes([len(s) for s in scores]):
+                return list(self.control.floors)
+            return ctx.floors(scores)
+
         def decide(scores):
-            masks = self._state_masks(scores)
+            masks, floors = self._state_masks(scores), floors_of(scores)
             if masks is None:  # no state (the method alone): the stateless rule
-                return [finish((s.abs() > kappa) & (s > 0), s.abs() <= kappa, s) for s in scores]
-            return [finish(p.clone(), u.clone(), s) for p, u, s in zip(*masks, scores)]
+                return [finish((s.abs() > kappa) & (s > 0), s.abs() <= kappa, s, f) for s, f in zip(scores, floors)]
+            out = []
+            for p, u, s, f, spared in zip(*masks, scores, floors, self.control.split(self.control.spared)):
+                prune, und, forced = finish(p.clone(), u.clone(), s, f)
+                out.append((prune, und, forced or bool(spared.any())))
+            return out
 
         def redecide(scores):  # the side of every decided channel, from (perturbed) statistics
-            masks = self._state_masks(scores)
+            masks, floors = self._state_masks(scores), floors_of(scores)
             undecided = [s.abs() <= kappa for s in scores] if masks is None else masks[1]
-            return [finish((s > 0) & ~u, u, s) for s, u in zip(scores, undecided)]
+            return [finish((s > 0) & ~u, u, s, f) for s, u, f in zip(scores, undecided, floors)]
 
         return DecisionRule(f"remove the channels decided on the prune side (log10 u passed +kappa={kappa}; decided "
                             "channels keep their side); undecided channels are kept", decide, redecide)
@@ -508,30 +568,34 @@ def get_method(name: str) -> PruningMethod:
 
 
 # --------------------------------------------------------------------------------------------- decisions
-def threshold_decisions(scores: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
-    """Prune masks ``s > threshold`` per segment; a segment never loses its last channel."""
-    masks = []
-    for s in scores:
-        prune = s > threshold
-        if bool(prune.all()):
-            prune = prune.clone()
-            prune[int(torch.argmin(s))] = False
-        masks.append(prune)
-    return masks
+def _floors(scores, floors: Optional[Sequence[int]]) -> list[int]:
+    """``floors`` checked against ``scores``, or 1 per segment (only the last channel stays)."""
+    if floors is None:
+        return [1] * len(scores)
+    if len(floors) != len(scores):
+        raise ValueError(f"floors: one minimum width per segment expected ({len(scores)}), got {len(floors)}")
+    return [int(f) for f in floors]
 
 
-def _rank_order(scores: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(segment, channel) pairs in pruning order: decreasing ``s`` (ties by position), skipping the last
-    channel of each segment so that no layer is emptied."""
+def threshold_decisions(scores: Sequence[torch.Tensor], threshold: float,
+                        floors: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    """Prune masks ``s > threshold`` per segment; segment ``k`` keeps at least ``floors[k]`` channels (default 1)
+    (those with the smallest ``s``)."""
+    return [keep_to_floor(s > threshold, s, f)[0] for s, f in zip(scores, _floors(scores, floors))]
+
+
+def _rank_order(scores: Sequence[torch.Tensor], floors: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
+    """(segment, channel) pairs in pruning order: decreasing ``s`` (ties by position), skipping the channels
+    that would take a segment below its floor (default: its last channel)."""
     flat = torch.cat(list(scores)).double()
     seg = torch.cat([torch.full((len(s),), k, dtype=torch.long) for k, s in enumerate(scores)])
     idx = torch.cat([torch.arange(len(s)) for s in scores])
     order = torch.argsort(-flat, stable=True).tolist()  # ties keep their position order
-    left = [len(s) for s in scores]
+    left = [len(s) - f for s, f in zip(scores, _floors(scores, floors))]  # removals each segment still allows
     out = []
     for j in order:
         k = int(seg[j])
-        if left[k] > 1:
+        if left[k] > 0:
             left[k] -= 1
             out.append((k, int(idx[j])))
     return out
@@ -544,11 +608,13 @@ def _masks_from(pairs, scores) -> list[torch.Tensor]:
     return masks
 
 
-def rank_decisions(scores: Sequence[torch.Tensor], speedup_of: Callable[[list], float], target: float) -> list[torch.Tensor]:
+def rank_decisions(scores: Sequence[torch.Tensor], speedup_of: Callable[[list], float], target: float,
+                   floors: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
     """The fewest channels, taken in decreasing order of ``s``, whose removal reaches ``target`` (FLOPs ratio
-    given by ``speedup_of(masks)``; binary search, the ratio grows with every removed channel). Removes
-    everything removable if the target cannot be reached."""
-    order = _rank_order(scores)
+    given by ``speedup_of(masks)``; binary search, the ratio grows with every removed channel), never taking a
+    segment below ``floors`` (default: its last channel). Removes everything removable if the target cannot be
+    reached."""
+    order = _rank_order(scores, floors)
     lo, hi = 0, len(order)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -559,8 +625,8 @@ def rank_decisions(scores: Sequence[torch.Tensor], speedup_of: Callable[[list], 
     return _masks_from(order[:lo], scores)
 
 
-def top_k_decisions(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    return _masks_from(_rank_order(scores)[:k], scores)
+def top_k_decisions(scores: Sequence[torch.Tensor], k: int, floors: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    return _masks_from(_rank_order(scores, floors)[:k], scores)
 
 
 def decision_flips(decide: Callable[[list], list], scores_of: Callable[[list], list], weights: Sequence[torch.Tensor],

@@ -61,7 +61,8 @@ from torch import nn
 from . import distributed
 from .control import FORCE_FRACTION, FlopsModel
 from .dynamics import AUTO_GAMMA_OFFSET, auto_gamma, effective_rate, reachable_log10, steps_to_decide
-from .methods import Decision, PruningMethod, RuleContext, get_method, round_widths
+from .methods import (DEFAULT_MAX_PRUNE_FRACTION, Decision, PruningMethod, RuleContext, check_max_prune_fraction,
+                      get_method, round_widths)
 from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
 from .surgery import (ParameterSlices, constant_inputs, fold_constant_inputs_, keep_indices, narrow_tensor, prune_model,
@@ -174,6 +175,11 @@ class Pruner:
             :meth:`settle_steps` until one step of its pull takes the group's whole mass, and the group is then
             set to zero (:mod:`.control` step 5); False keeps it at its frozen value, where the loss can hold the
             group away from zero.
+        max_prune_fraction: the width floor: no decision removes more than this fraction of a target's
+            channels; every target keeps at least ``max(1, ceil((1 - max_prune_fraction) n))`` of its ``n``
+            (:func:`~catalyst_fused.pruning.methods.min_width`), for every method. Catalyst keeps it while it
+            decides (the target feedback and the end of the budget move only channels above the floor), so the
+            FLOPs it aims at are the ones the removal obtains. 1 keeps only the last channel of a target.
 
     Raises:
         ValueError / TypeError: for bad arguments (named), a model without prunable channels, or a
@@ -211,6 +217,7 @@ class Pruner:
         round_to: int = 1,
         budget_steps: Optional[int] = None,
         prune_pull: bool = True,
+        max_prune_fraction: float = DEFAULT_MAX_PRUNE_FRACTION,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner: model must be an nn.Module, got {type(model).__name__}")
@@ -242,6 +249,7 @@ class Pruner:
         if not isinstance(prune_pull, bool):
             raise TypeError(f"Pruner: prune_pull must be True or False, got {prune_pull!r}")
         self.prune_pull = prune_pull
+        self.max_prune_fraction = check_max_prune_fraction(max_prune_fraction, "Pruner: max_prune_fraction")
         self.c0 = _check_number("c0", c0, positive=True)
         self.kappa = _check_number("kappa", kappa, positive=True)
         self.target_speedup = None if target_speedup is None else _check_number("target_speedup", target_speedup, positive=True)
@@ -508,6 +516,7 @@ class Pruner:
 
     def rule(self):
         ctx = RuleContext(kappa=self.kappa, target_speedup=self.target_speedup, norm_threshold=self.norm_threshold,
+                          max_prune_fraction=self.max_prune_fraction,
                           speedup_of=self._speedup_of() if self.target_speedup is not None and
                           self.method.reaches_target_by_ranking else None)
         return self.method.rule(ctx)
@@ -672,6 +681,7 @@ class Pruner:
             "method": self.method.name, "mode": self.mode, "formulation": self.formulation.name,
             "bn_beta": self.bn_beta, "gamma": self.gamma, "gamma_auto": self.gamma_auto, "c0": self.c0,
             "kappa": self.kappa, "budget_steps": self.budget_steps, "prune_pull": self.prune_pull,
+            "max_prune_fraction": self.max_prune_fraction,
             "targets": [asdict(t) for t in self.targets],
             "catalysts": [d.detach().cpu().clone() for d in self.catalysts],
             "history": [dict(h) for h in self.history],
@@ -727,6 +737,8 @@ class Pruner:
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
         self.c0, self.kappa = float(state["c0"]), float(state["kappa"])
         self.prune_pull = bool(state.get("prune_pull", self.prune_pull))
+        # states saved before the width floor removed down to the last channel
+        self.max_prune_fraction = float(state.get("max_prune_fraction", 1.0))
         self.steps = int(state["steps"])
         self.method.load_state_dict(state.get("method_state", {}))
 

@@ -46,8 +46,9 @@ Choices **[our reading]**, stated here once:
   which every channel is decided (and settled), or when the epoch budget is spent. Undecided channels are
   reported and **kept**.
 * Decision: remove a channel iff it is decided and ``u_i > 1`` (so ``log10 u_i > kappa``). A layer never
-  loses all its channels: if every channel of a target would go, the one with the smallest ``c`` stays
-  (reported as ``forced_keep``).
+  loses more than ``max_prune_fraction`` (default 0.9) of its channels: the control keeps the least pruned
+  ones back when it decides, at least ``ceil((1 - max_prune_fraction) n)`` and at least one (reported as
+  ``forced_keep``; :func:`..methods.min_width`). Every method obeys the same floor.
 * Verification at the prune step (eval mode, on up to 256 test samples): the pruned model must match the
   *masked* model (the regularized model with the removed channels' consumer columns zeroed: the same
   function) to ``1e-4 * max|logits|`` (checks the surgery), and the regularized model itself to

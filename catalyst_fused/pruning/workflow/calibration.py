@@ -46,7 +46,8 @@ def make_pruner(model, cfg: PruneConfig, c0: float, input_shape, targets=None, b
     return Pruner(model, input_shape, method=cfg.method, mode=cfg.mode, formulation=cfg.formulation, gamma=cfg.gamma,
                   c0=c0, kappa=cfg.kappa, bn_beta=cfg.bn_beta, target_speedup=cfg.target_speedup,
                   norm_threshold=cfg.norm_threshold, catalyst_lr=cfg.catalyst_lr, targets=targets, round_to=cfg.round_to,
-                  budget_steps=budget_steps, prune_pull=cfg.prune_pull)
+                  budget_steps=budget_steps, prune_pull=cfg.prune_pull,
+                  max_prune_fraction=cfg.max_prune_fraction)
 
 
 def calibrate(run) -> Calibration:

@@ -11,7 +11,7 @@ import torch
 from ...data import DATASETS
 from ...models import MODEL_NAMES
 from ..formulations import FORMULATIONS
-from ..methods import get_method
+from ..methods import DEFAULT_MAX_PRUNE_FRACTION, check_max_prune_fraction, get_method
 from ..targets import MODES
 from ..unstructured import SCHEDULES, SCOPES, is_unstructured
 
@@ -74,6 +74,7 @@ class PruneConfig:
     latency_repeats: int = 15  # timed samples per model and setting
     export: str = ""  # formats the pruned model is exported to: "onnx", "pt2" or "onnx,pt2"
     round_to: int = 1  # round kept widths up to a multiple of this (1: no rounding)
+    max_prune_fraction: float = DEFAULT_MAX_PRUNE_FRACTION  # width floor: a layer keeps >= ceil((1 - this) n) channels
     progress: bool = True
     plots: bool = True
     train_limit: Optional[int] = None  # use only the first N training / test samples (smoke tests)
@@ -146,6 +147,7 @@ class PruneConfig:
         else:
             self._finite("gamma", minimum=0.0)
         self._finite("c0", positive=True)
+        check_max_prune_fraction(self.max_prune_fraction, "--max-prune-fraction")
         self._finite("kappa", positive=True)
         self._finite("lr", positive=True)
         self._finite("finetune_lr", positive=True)
