@@ -106,8 +106,8 @@ def test_no_loss_flow_keeps_every_resnet56_group_at_the_threshold_and_uncorrecte
 
 def test_c0_off_the_threshold_splits_when_the_flow_predicts():
     """BN mode (k = 1): started at u = 1 +- 5%, every channel is decided on its side (except, above the
-    threshold, each target's last channel, which is kept so that no layer loses every channel), and the first
-    decisions come when steps_to_decide predicts (within 15%)."""
+    threshold, each target's width floor: 4 of 32 and 7 of 64 channels kept with the default
+    max_prune_fraction), and the first decisions come when steps_to_decide predicts (within 15%)."""
     torch.manual_seed(0)
     results = {}
     for c0 in (1.05, 1 / 1.05):
@@ -119,8 +119,10 @@ def test_c0_off_the_threshold_splits_when_the_flow_predicts():
         results[c0] = (control.summary(), float(steps.mean()),
                        float(steps_to_decide(c0, 1.0, pruner.rate(), pruner.kappa)))
     up, down = results[1.05], results[1 / 1.05]
-    targets = len(pruner.catalysts)
-    assert up[0]["pruned"] == up[0]["channels"] - targets and up[0]["kept_decided"] == up[0]["forced"] == targets
+    floors = sum(pruner.method.control.floors)
+    assert floors == 4 + 7 + 7
+    assert up[0]["pruned"] == up[0]["channels"] - floors and up[0]["kept_decided"] == up[0]["forced"] == floors
+    assert up[0]["spared_by_width_floor"] == floors
     assert down[0]["kept_decided"] == down[0]["channels"] and down[0]["forced"] == 0
     for _, measured, predicted in (up, down):
         assert measured == pytest.approx(predicted, rel=0.15)
