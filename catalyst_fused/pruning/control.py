@@ -41,10 +41,10 @@ flow takes to shrink a just-frozen group to 0).
 
 **The width floor** (``max_prune_fraction``) holds through steps 2-4: a target keeps at least
 ``min_width(n)`` channels. When the flow, the feedback's prediction or the end of the budget would take it
-lower, the least pruned of its candidates are frozen on the keep side instead (``spared``). Without it the
-feedback reaches a FLOPs target most cheaply through the layers whose channels cost the fewest FLOPs each:
-on VGG-19-BN at 3x (seed 0, group mode) the end of the budget left the late 512-wide layers with 1-7
-channels and the accuracy fell from 97% to 19% in one epoch.
+lower, the least pruned of its candidates are frozen on the keep side instead (``spared``). The feedback
+takes channels in the order of ``u`` whatever each costs, so a layer that sits above the threshold as a whole
+and whose channels are cheap loses nearly all of them: on VGG-19-BN at 3x (seed 0, group mode) the end of the
+budget left the late 512-wide layers with 1-7 channels and the accuracy fell from 97% to 19% in one epoch.
 """
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ method           training (objective / step)                  statistic ``s``   
 * **Width floor** (``max_prune_fraction``, default 0.9): no rule removes more than that fraction of a target's
   channels; every target keeps at least ``min_width(n) = max(1, ceil((1 - max_prune_fraction) n))``, the
   channels with the smallest ``s`` among those it would remove (``forced_keep`` when the floor binds). Without
-  it, a FLOPs target is reached most cheaply by emptying the layers whose channels cost the fewest FLOPs
-  each: on VGG-19-BN at 3x the late 512-wide layers went down to 1-7 channels and the network did not recover.
+  it, a FLOPs target can take nearly all of a layer whose channels all score high and cost little: on
+  VGG-19-BN at 3x the late 512-wide layers went down to 1-7 channels and the network did not recover.
 * Width rounding (:func:`round_widths`, the pruner's ``round_to``): kept widths are rounded **up** to a
   multiple of ``round_to`` by keeping, among the channels a rule would remove, those with the smallest ``s``
   (the least pruned); widths such as 13 are slow for CPU kernels that work in blocks of 8 or 16 channels.
