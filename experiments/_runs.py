@@ -14,12 +14,22 @@ A run lives in a folder named by a hash of its whole configuration (:func:`confi
 reuse; a run whose ``report.json`` already exists is read back instead of re-run (an interrupted one is
 resumed), so the three scripts together cost the runs once, settings that share runs (``quick`` is part of
 ``full``) share them, and a changed option (a baseline's gamma, a budget) makes a new run. Results (tables, plots, JSON) go to ``experiments/results/`` by default.
+
+A runs directory lives on one machine and its checkpoints are large; a finished run's report is small. With a
+*ledger* (``paper_table.py`` keeps one under ``results/ledger/``, committed with the tables) every finished run's
+report is also filed there under the same folder names, and a run found in the ledger is read back instead of
+made again: a table that needs more CPU time than one machine session gives grows over several sessions. A run
+that must still be made from a dense model known only to the ledger remakes that dense run first, and every
+entry records the SHA-256 of the dense weights its run started from, so a remade dense model that differs
+(another CPU, another torch) is caught instead of silently mixed into the same row.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import hashlib
+import os
 import json
 import math
 import platform
@@ -99,32 +109,114 @@ def _methods(args) -> list[str]:
     return names
 
 
-def _run(cfg: PruneConfig, log, make: bool = True) -> Optional[Report]:
-    """The run of ``cfg``: read back if it finished before with the same configuration, else made (an
-    interrupted one is resumed; with ``make=False``: None). A cached run made with another configuration is
-    refused, not reused."""
+def _run(cfg: PruneConfig, log, make: bool = True, ledger: Optional[Path] = None,
+         prepare=None) -> Optional[Report]:
+    """The run of ``cfg``: read back if it finished before with the same configuration (in its folder, or in
+    ``ledger``), else made (an interrupted one is resumed; with ``make=False``: None). ``prepare()`` is called
+    before a run is made (e.g. to remake the dense model it starts from). A cached run made with another
+    configuration is refused, not reused."""
     out = Path(cfg.out)
     key = config_key(cfg)
+    identity = json.loads(json.dumps(_identity(cfg), default=str))
     key_file = out / "config_key.json"
     if key_file.exists():  # the folder's name is the key; the file inside must agree (no stale reuse)
-        saved = json.loads(key_file.read_text())
-        if saved.get("key") != key or saved.get("config") != json.loads(json.dumps(_identity(cfg), default=str)):
-            raise SystemExit(f"{out}: this cached run was made with another configuration ({saved.get('config')}); "
-                             f"delete it or use another --runs-dir")
+        _check_key(key_file, key, identity)
     path = out / "report.json"
     if path.exists():
         report = Report.load(path)
         if report.status == "done":
+            if ledger is not None:
+                file_in_ledger(cfg, report, ledger)
+            return report
+    if ledger is not None:
+        report = read_ledger(cfg, ledger)
+        if report is not None:
             return report
     if not make:
         return None
+    if prepare is not None:
+        prepare()
     out.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps({"key": key, "config": _identity(cfg)}, indent=1, default=str))
     log(f"run: {cfg.method} seed {cfg.seed} -> {cfg.out}")
     report = run_pipeline(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda msg: log(f"  {msg}"))
     if report.status != "done":
         raise RuntimeError(f"run {cfg.out} did not finish: {report}")
+    if ledger is not None:
+        file_in_ledger(cfg, report, ledger)
     return report
+
+
+def _check_key(key_file: Path, key: str, identity: dict) -> None:
+    saved = json.loads(key_file.read_text())
+    if saved.get("key") != key or saved.get("config") != identity:
+        raise SystemExit(f"{key_file.parent}: this cached run was made with another configuration "
+                         f"({saved.get('config')}); delete it or use another --runs-dir")
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+def ledger_entry(cfg: PruneConfig, ledger: Path) -> Path:
+    """A run's folder in the ledger: the last three parts of its run folder (``<group>/seed<k>/<name>-<key>``)."""
+    out = Path(cfg.out)
+    return Path(ledger) / out.parent.parent.name / out.parent.name / out.name
+
+
+def weights_sha256(path) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order): equal for the same
+    weights whatever the file's container bytes."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().cpu().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_in_ledger(cfg: PruneConfig, report: Report, ledger: Path) -> Path:
+    """Files a finished run's report (gzipped) and its provenance in the ledger; an entry already there is kept
+    (the ledger holds the run the tables were made from, not a remake)."""
+    entry = ledger_entry(cfg, ledger)
+    if (entry / "provenance.json").exists():
+        return entry
+    entry.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
+    provenance = {"key": config_key(cfg), "config": _identity(cfg), "environment": environment(),
+                  "weights_sha256": (weights_sha256(out / "dense_model.pt") if not cfg.epochs
+                                     and (out / "dense_model.pt").exists() else None),
+                  "dense_weights_sha256": (weights_sha256(cfg.dense_checkpoint) if cfg.dense_checkpoint
+                                           and Path(cfg.dense_checkpoint).exists() else None)}
+    _write_atomic(entry / "report.json.gz", gzip.compress(json.dumps(report.to_dict(), allow_nan=False).encode(), mtime=0))
+    _write_atomic(entry / "provenance.json", json.dumps(provenance, indent=1, default=str).encode())  # last: marks it complete
+    return entry
+
+
+def read_ledger(cfg: PruneConfig, ledger: Path) -> Optional[Report]:
+    """The report filed in the ledger for exactly this configuration, or None."""
+    entry = ledger_entry(cfg, ledger)
+    if not (entry / "provenance.json").exists():
+        return None
+    _check_key(entry / "provenance.json", config_key(cfg), json.loads(json.dumps(_identity(cfg), default=str)))
+    return Report.from_dict(json.loads(gzip.decompress((entry / "report.json.gz").read_bytes())))
+
+
+def ledger_provenance(cfg: PruneConfig, ledger: Optional[Path]) -> dict:
+    """The provenance filed with a run (empty without a ledger or an entry)."""
+    if ledger is None or not (ledger_entry(cfg, ledger) / "provenance.json").exists():
+        return {}
+    return json.loads((ledger_entry(cfg, ledger) / "provenance.json").read_text())
 
 
 def _identity(cfg: PruneConfig) -> dict:

@@ -20,6 +20,14 @@ Protocol (every run is ``run_pipeline``, cached and resumable like the other exp
 
 Every accuracy is measured with BatchNorm statistics re-estimated on 8 training batches. Writes
 ``results/paper_table_<setting>.{md,json}``.
+
+The full table costs more CPU time than one machine session gives (a VGG-19-BN run is 40-50 min on one core),
+and a runs directory does not outlive its machine. So every finished run's report is also filed in a ledger,
+``results/ledger/`` (committed with the tables; ``--ledger DIR|none``), and read back from there: a later
+session makes only what is missing (``--methods`` picks the baselines to make; Catalyst's run, which fixes their
+target, is read back). The ledger keeps no weights: a run that must be made from a dense model known only to
+the ledger remakes it first, checks its weights' SHA-256 against the one filed, and the table marks a seed whose
+runs did not all start from the same weights.
 """
 from __future__ import annotations
 
@@ -72,16 +80,43 @@ def _base(setting: TableSetting, model: str, seed: int, args) -> PruneConfig:
                        **dict(setting.extra, prune_pull=not args.no_prune_pull))
 
 
-def _dense(setting, model, seed, args, root: Path, log) -> str:
-    if args.dense_checkpoints:
-        path = Path(args.dense_checkpoints) / f"{model}_seed{seed}.pt"
-        if path.is_file():
-            return str(path)
-    cfg = replace(_base(setting, model, seed, args), epochs=0, finetune_epochs=0)
-    cfg = replace(cfg, out=str(root / f"seed{seed}" / f"dense-{_runs.config_key(cfg)}"))
-    if _runs._run(cfg, log, make=not args.finished_only) is None:
-        return None
-    return str(Path(cfg.out) / "dense_model.pt")
+class _Dense:
+    """The dense model of (model, seed): its weights file for runs that must be made (trained on first need, or
+    read from ``--dense-checkpoints``), and the SHA-256 of its weights for the runs' provenance."""
+
+    def __init__(self, setting, model, seed, args, root: Path, log):
+        self.args, self.log, self.ledger = args, log, args.ledger
+        self.given = Path(args.dense_checkpoints) / f"{model}_seed{seed}.pt" if args.dense_checkpoints else None
+        cfg = replace(_base(setting, model, seed, args), epochs=0, finetune_epochs=0)
+        self.cfg = replace(cfg, out=str(root / f"seed{seed}" / f"dense-{_runs.config_key(cfg)}"))
+
+    @property
+    def path(self) -> str:
+        """What the runs of this seed name as their ``dense_checkpoint`` (their keys use its folder's name)."""
+        return str(self.given) if self.given is not None and self.given.is_file() else str(Path(self.cfg.out) / "dense_model.pt")
+
+    def known(self) -> bool:
+        """Whether the dense model exists here, was given, or is filed in the ledger."""
+        return Path(self.path).is_file() or _runs._run(self.cfg, self.log, make=False, ledger=self.ledger) is not None
+
+    def ensure(self) -> None:
+        """Makes the weights file if it is not here (the ledger keeps reports, not weights), and says so when the
+        remade weights differ from those the ledger's runs of this seed started from."""
+        if Path(self.path).is_file():
+            return
+        _runs._run(self.cfg, self.log, make=True)  # no ledger: the weights themselves are needed
+        filed = _runs.ledger_provenance(self.cfg, self.ledger).get("weights_sha256")
+        if filed and filed != _runs.weights_sha256(self.path):
+            self.log(f"WARNING: the dense model remade in {self.cfg.out} differs from the one the ledger's runs of this "
+                     f"seed started from (weights SHA-256 {filed[:12]}); runs made from it are marked in the table")
+        elif filed:
+            self.log(f"dense model remade bit for bit (weights SHA-256 {filed[:12]})")
+        if self.ledger is not None:
+            _runs.file_in_ledger(self.cfg, _runs.Report.load(Path(self.cfg.out) / "report.json"), self.ledger)
+
+    def weights_sha256(self) -> Optional[str]:
+        filed = _runs.ledger_provenance(self.cfg, self.ledger).get("weights_sha256")
+        return filed or (_runs.weights_sha256(self.path) if Path(self.path).is_file() else None)
 
 
 def _record(report, row: dict) -> dict:
@@ -95,12 +130,17 @@ def _record(report, row: dict) -> dict:
                 undecided=pruned.undecided_total, stop_rule_fired=op.stop_rule_fired, opt1_epochs=op.epochs_run,
                 margin=pruned.margin_log10c, function_err=pruned.verification["function_max_abs_err"],
                 max_abs_logit=pruned.verification["max_abs_logit"], wall_s=report.runtime_s["total"],
-                gamma=op.gamma)
+                gamma=op.gamma, dense_weights_sha256=getattr(report, "dense_weights_sha256", None))
 
 
 def collect(args, log=print) -> tuple[TableSetting, list]:
     setting = SETTINGS[args.setting]
     modes = args.modes.split(",") if args.modes else setting.modes
+    methods = args.methods.split(",") if args.methods else setting.methods
+    unknown = set(methods) - set(setting.methods)
+    if unknown:
+        raise SystemExit(f"--methods: {sorted(unknown)} not in the setting's methods {setting.methods}")
+    make = not args.finished_only
     records = []
     for model, target in setting.rows:
         if args.models and model not in args.models.split(","):
@@ -108,32 +148,51 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
         root = Path(args.runs_dir) / f"table-{model}-digits"
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else setting.seeds[model]
         for seed in seeds:
-            dense = _dense(setting, model, seed, args, root, log)
-            if dense is None:
+            dense = _Dense(setting, model, seed, args, root, log)
+            if not make and not dense.known():
                 log(f"not made yet: {model} seed {seed} (dense)")
                 continue
+
+            def run(cfg, dense=dense):
+                report = _runs._run(cfg, log, make=make, ledger=args.ledger, prepare=dense.ensure)
+                if report is not None:
+                    # the dense weights this run started from: filed with it, or the ones here
+                    started = _runs.ledger_provenance(cfg, args.ledger).get("dense_weights_sha256")
+                    report.dense_weights_sha256 = started or dense.weights_sha256()
+                return report
+
             for mode in modes:
-                base = replace(_base(setting, model, seed, args), mode=mode, dense_checkpoint=dense)
+                base = replace(_base(setting, model, seed, args), mode=mode, dense_checkpoint=dense.path)
                 cat = replace(base, method="catalyst", gamma="auto", target_speedup=target)
                 cat = replace(cat, out=str(root / f"seed{seed}" / f"catalyst-{mode}-{target}x-{_runs.config_key(cat)}"))
-                report = _runs._run(cat, log, make=not args.finished_only)
+                # Catalyst fixes its baselines' target, so it is made (or read) even when only baselines are asked for
+                report = run(cat)
                 if report is None:
                     log(f"not made yet: {model} {target}x {mode} seed {seed} (catalyst and its baselines)")
                     continue
                 row = {"model": model, "target": target, "mode": mode, "seed": seed}
-                records.append(_record(report, dict(row, method="catalyst")))
-                for method in setting.methods:
+                if "catalyst" in methods:
+                    records.append(_record(report, dict(row, method="catalyst")))
+                for method in methods:
                     if method == "catalyst":
                         continue
                     b = replace(base, method=method, gamma=BASELINE_GAMMA[method],
                                 target_speedup=report.cost.flops_ratio)
                     b = replace(b, out=str(root / f"seed{seed}" / f"{method}-{mode}-{target}x-{_runs.config_key(b)}"))
-                    done = _runs._run(b, log, make=not args.finished_only)
+                    done = run(b)
                     if done is None:
                         log(f"not made yet: {model} {target}x {mode} seed {seed} ({method})")
                         continue
                     records.append(_record(done, dict(row, method=method)))
     return setting, records
+
+
+def dense_mismatches(records: list) -> list:
+    """(model, seed) whose runs did not all start from the same dense weights."""
+    by_seed = {}
+    for r in records:
+        by_seed.setdefault((r["model"], r["seed"]), set()).add(r.get("dense_weights_sha256"))
+    return [k for k, v in by_seed.items() if len(v) > 1]
 
 
 def _cell(records, key, digits=2):
@@ -187,7 +246,15 @@ def main(argv=None) -> int:
                         help="Catalyst without the prune side's pull (the control before it; its runs stay cached)")
     parser.add_argument("--finished-only", action="store_true",
                         help="make no run: the tables of the runs that have finished (the rest are listed as not made)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the setting's methods to make and tabulate (Catalyst's run is "
+                             "made or read anyway: it fixes the baselines' target)")
+    parser.add_argument("--ledger", default=None,
+                        help="where finished runs' reports are filed and read back (default: <results-dir>/ledger; "
+                             "'none': no ledger)")
     args = parser.parse_args(argv)
+    args.ledger = (Path(args.results_dir) / "ledger" if args.ledger is None
+                   else None if args.ledger.lower() == "none" else Path(args.ledger))
     setting, records = collect(args)
     if args.no_write:
         return 0
@@ -196,6 +263,11 @@ def main(argv=None) -> int:
           "Baselines are pruned to the FLOPs ratio of the Catalyst run of the same seed and mode. 'decided': fraction "
           "of channels Catalyst decided by itself or at the end of its budget (every other channel is kept). Wall "
           "time on a shared 2-core CPU.\n\n" + table(records))
+    mismatched = dense_mismatches(records)
+    if mismatched:
+        md += ("\n**Not comparable**: the runs of " + ", ".join(f"{m} seed {k}" for m, k in mismatched) + " did not all "
+               "start from the same dense weights (a dense model remade on another machine differed from the one "
+               "filed in the ledger); see `dense_weights_sha256` in the JSON.\n")
     if args.setting == "targets" or len({r["target"] for r in records}) > 1:
         md += "\nAchieved / target FLOPs ratio (Catalyst):\n\n" + target_table(records)
     models = sorted({m for m, _ in setting.rows})
