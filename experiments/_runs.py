@@ -306,10 +306,24 @@ def fmt(values, digits: int = 2) -> str:
     return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _cpu_model() -> str:
+    # platform.processor() is empty on Linux; /proc/cpuinfo names the CPU
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict:
+    # the CPU and the vector ISA torch dispatches to change float reduction orders, so a run remade on another
+    # machine can differ in its last bits; recorded so that a ledger entry says where it was made
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-            "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def write_results(args, name: str, setting: Setting, markdown: str, data: dict) -> Path:

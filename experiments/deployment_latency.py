@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import shlex
 import sys
 import time

@@ -105,10 +105,16 @@ class _Dense:
         if Path(self.path).is_file():
             return
         _runs._run(self.cfg, self.log, make=True)  # no ledger: the weights themselves are needed
-        filed = _runs.ledger_provenance(self.cfg, self.ledger).get("weights_sha256")
+        provenance = _runs.ledger_provenance(self.cfg, self.ledger)
+        filed = provenance.get("weights_sha256")
         if filed and filed != _runs.weights_sha256(self.path):
+            env = provenance.get("environment", {})
+            where = ", ".join(str(v) for v in (env.get("processor"), env.get("cpu_capability"),
+                                               env.get("threads") and f"threads {env['threads']}") if v)
             self.log(f"WARNING: the dense model remade in {self.cfg.out} differs from the one the ledger's runs of this "
-                     f"seed started from (weights SHA-256 {filed[:12]}); runs made from it are marked in the table")
+                     f"seed started from (weights SHA-256 {filed[:12]}, made on {where or 'an unrecorded machine'}; "
+                     f"here: {_runs._cpu_model()}, {_runs.torch.backends.cpu.get_cpu_capability()}, "
+                     f"threads {_runs.torch.get_num_threads()}); runs made from it are marked in the table")
         elif filed:
             self.log(f"dense model remade bit for bit (weights SHA-256 {filed[:12]})")
         if self.ledger is not None:

@@ -85,3 +85,14 @@ def test_paper_table_smoke_and_its_partial_tables(tmp_path):
     expected = next(r for r in records if (r["mode"], r["method"]) == ("bn", "random"))
     assert {k: v for k, v in row.items() if k != "wall_s"} == {k: v for k, v in expected.items() if k != "wall_s"}
     assert "Not comparable" not in md
+    # a dense model filed from another machine whose weights a remake does not reproduce: the remake says so and
+    # names both machines (the filed SHA is altered here to stand for that machine's weights)
+    dense_entry = next(p for p in ledger.rglob("provenance.json") if p.parent.name.startswith("dense-"))
+    provenance = json.loads(dense_entry.read_text())
+    provenance["weights_sha256"] = "0" * 64
+    provenance["environment"].update(processor="Another CPU", cpu_capability="AVX2", threads=4)
+    dense_entry.write_text(json.dumps(provenance))
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(next(p.parent for p in ledger.rglob("provenance.json") if p.parent.name.startswith("random-bn-")))
+    _, _, out = _paper_table(tmp_path, tmp_path / "runs", "--methods", "random", "--modes", "bn")
+    assert "WARNING: the dense model remade" in out and "made on Another CPU, AVX2, threads 4" in out, out
