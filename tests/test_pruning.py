@@ -3,7 +3,6 @@
 Everything runs on CPU with small models and a few epochs on subsets of sklearn digits.
 """
 import json
-import os
 import pickle
 
 import numpy as np

@@ -135,6 +135,19 @@ def test_progress_bars_do_not_change_the_run(tiny_config, quiet):
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
 
 
+def test_progress_without_tqdm_falls_back_to_the_loader(monkeypatch, capsys):
+    """tqdm is an optional extra: without it a run asked for progress bars says what it is doing and goes on."""
+    import sys
+
+    from catalyst_fused.pruning.workflow.training import _progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # makes `from tqdm.auto import tqdm` raise ImportError
+    loader = [1, 2, 3]
+    assert _progress(loader, True, "opt1 1/3") is loader
+    assert "opt1 1/3 ..." in capsys.readouterr().out
+    assert _progress(loader, False, "x") is loader
+
+
 def test_run_pipeline_takes_a_users_model_data_and_loss(tmp_path, quiet):
     """The workflow is a client of the pruner: any model and datasets, not only the named ones."""
     from torch import nn

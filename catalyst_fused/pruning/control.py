@@ -48,7 +48,6 @@ budget left the late 512-wide layers with 1-7 channels and the accuracy fell fro
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch

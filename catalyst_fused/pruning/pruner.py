@@ -67,7 +67,7 @@ from .metrics import count_flops, count_params
 from .formulations import Formulation, get_formulation
 from .surgery import (ParameterSlices, constant_inputs, fold_constant_inputs_, keep_indices, narrow_tensor, prune_model,
                       remap_targets, slice_optimizer_state_)
-from .targets import MODES, ModuleSlice, Target, TargetSet, build_target_set, example_batch, find_targets
+from .targets import MODES, Target, TargetSet, build_target_set, example_batch, find_targets
 from .unstructured import is_unstructured
 
 __all__ = ["Pruner", "CatalystPruner", "PruningStats", "TargetStats", "PruneSummary"]

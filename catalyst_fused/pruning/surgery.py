@@ -30,7 +30,7 @@ from torch import nn
 
 from .attention import sync_heads_
 from .layers import axis_size, axis_tensors, describe, narrow_
-from .targets import ModuleSlice, Target
+from .targets import Target
 
 __all__ = [
     "prune_model",

@@ -63,7 +63,7 @@ Modes (catalyst-method.md section 1):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 import torch_pruning as tp

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..methods import decision_flips, get_method, round_widths, spearman
+from ..methods import decision_flips, round_widths, spearman
 from ..export import export_model, parse_formats
 from ..latency import compare_latency, parse_threads
 from ..metrics import count_flops, count_params

@@ -43,7 +43,7 @@ def _progress(loader, enabled: bool, desc: str):
         return tqdm(iter(loader), total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
     except ImportError:  # pragma: no cover - tqdm comes with the [pruning] extra
         print(f"  {desc} ...", flush=True)
-        return iterable
+        return loader
 
 
 def train_epoch(model: nn.Module, loader, optimizer, device, *, after_backward: Optional[Callable[[], None]] = None,
