@@ -29,9 +29,9 @@ import argparse
 import datetime
 import gzip
 import hashlib
-import os
 import json
 import math
+import os
 import platform
 import statistics
 from dataclasses import dataclass, field, replace
