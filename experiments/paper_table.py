@@ -21,8 +21,8 @@ Protocol (every run is ``run_pipeline``, cached and resumable like the other exp
 Every accuracy is measured with BatchNorm statistics re-estimated on 8 training batches. Writes
 ``results/paper_table_<setting>.{md,json}``.
 
-The full table costs more CPU time than one machine session gives (a VGG-19-BN run is 20-50 min on one core of the 2-core machine, depending on load),
-and a runs directory does not outlive its machine. So every finished run's report is also filed in a ledger,
+The full table costs more CPU time than one machine session gives (a VGG-19-BN run is 20-50 min on one core
+of the 2-core machine, depending on load), and a runs directory does not outlive its machine. So every finished run's report is also filed in a ledger,
 ``results/ledger/`` (committed with the tables; ``--ledger DIR|none``), and read back from there: a later
 session makes only what is missing (``--methods`` picks the baselines to make; Catalyst's run, which fixes their
 target, is read back). The ledger keeps no weights: a run that must be made from a dense model known only to
