@@ -49,6 +49,7 @@ if str(HERE.parent) not in sys.path:  # `python experiments/x.py` from a checkou
 from catalyst_fused.pruning import PruneConfig, Report, run_pipeline  # noqa: E402
 from catalyst_fused.pruning.workflow.config import RUN_ONLY_FIELDS  # noqa: E402
 from catalyst_fused.pruning.methods import METHODS  # noqa: E402
+from catalyst_fused.pruning.latency import cpu_model  # noqa: E402
 
 # Strength of each method's sparsity term. Catalyst's is the pipeline default (gamma from the opt1 budget). Each
 # baseline's was picked from {0.003, 0.01, 0.03} on the quick digits setting (seed 0, 4x target) as the one with
@@ -209,7 +210,11 @@ def read_ledger(cfg: PruneConfig, ledger: Path) -> Optional[Report]:
     if not (entry / "provenance.json").exists():
         return None
     _check_key(entry / "provenance.json", config_key(cfg), json.loads(json.dumps(_identity(cfg), default=str)))
-    return Report.from_dict(json.loads(gzip.decompress((entry / "report.json.gz").read_bytes())))
+    try:
+        return Report.from_dict(json.loads(gzip.decompress((entry / "report.json.gz").read_bytes())))
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{entry}: this ledger entry's report.json.gz cannot be read ({type(error).__name__}: "
+                         f"{error}); restore it from git, or delete the entry to make the run again") from error
 
 
 def ledger_provenance(cfg: PruneConfig, ledger: Optional[Path]) -> dict:
@@ -306,23 +311,11 @@ def fmt(values, digits: int = 2) -> str:
     return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _cpu_model() -> str:
-    # platform.processor() is empty on Linux; /proc/cpuinfo names the CPU
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def environment() -> dict:
     # the CPU and the vector ISA torch dispatches to change float reduction orders, so a run remade on another
     # machine can differ in its last bits; recorded so that a ledger entry says where it was made
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_model(),
+            "python": platform.python_version(), "machine": platform.machine(), "processor": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 

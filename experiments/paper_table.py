@@ -113,7 +113,7 @@ class _Dense:
                                                env.get("threads") and f"threads {env['threads']}") if v)
             self.log(f"WARNING: the dense model remade in {self.cfg.out} differs from the one the ledger's runs of this "
                      f"seed started from (weights SHA-256 {filed[:12]}, made on {where or 'an unrecorded machine'}; "
-                     f"here: {_runs._cpu_model()}, {_runs.torch.backends.cpu.get_cpu_capability()}, "
+                     f"here: {_runs.cpu_model()}, {_runs.torch.backends.cpu.get_cpu_capability()}, "
                      f"threads {_runs.torch.get_num_threads()}); runs made from it are marked in the table")
         elif filed:
             self.log(f"dense model remade bit for bit (weights SHA-256 {filed[:12]})")

@@ -77,6 +77,15 @@ def test_paper_table_smoke_and_its_partial_tables(tmp_path):
     shutil.rmtree(tmp_path / "runs")
     from_ledger, _, out = _paper_table(tmp_path, tmp_path / "runs", "--finished-only")
     assert from_ledger["records"] == records and "not made yet" not in out
+    # a damaged entry is named, not read as garbage
+    slimming_bn = next(p.parent for p in ledger.rglob("provenance.json") if p.parent.name.startswith("slimming-bn-"))
+    good = (slimming_bn / "report.json.gz").read_bytes()
+    (slimming_bn / "report.json.gz").write_bytes(good[: len(good) // 2])
+    damaged = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "paper_table.py"), "--setting", "smoke",
+                              "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+                              "--finished-only"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert damaged.returncode != 0 and f"{slimming_bn}: this ledger entry's report.json.gz cannot be read" in damaged.stderr
+    (slimming_bn / "report.json.gz").write_bytes(good)
     random_bn = next(p.parent for p in ledger.rglob("provenance.json") if p.parent.name.startswith("random-bn-"))
     shutil.rmtree(random_bn)
     remade, md, out = _paper_table(tmp_path, tmp_path / "runs", "--methods", "random", "--modes", "bn")

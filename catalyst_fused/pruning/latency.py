@@ -162,15 +162,20 @@ class CpuLoadMeter:
         return max(0.0, 100.0 * others / (wall * (os.cpu_count() or 1)))
 
 
-def machine_info() -> dict:
-    """CPU model, core count, versions and the date, for the record beside latency figures."""
+def cpu_model() -> str:
+    """The CPU's name (``platform.processor()`` is empty on Linux; /proc/cpuinfo names it)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return cpu
+
+
+def machine_info() -> dict:
+    """CPU model, core count, versions and the date, for the record beside latency figures."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
     try:
         import onnxruntime
