@@ -40,6 +40,14 @@ def _entry(rank, fn, world, port, args):
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    # A passing worker leaves without interpreter finalization. DTensor work keeps the gloo group alive past
+    # destroy_process_group (torch 2.13), and a gloo worker thread that drops its last reference to a finished
+    # collective while Python is finalizing aborts the process ("terminate called without an active
+    # exception", pytorch/pytorch#190489), failing a test whose checks all passed. A failing worker raises
+    # above, so the spawn wrapper still reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, *args, world: int = 2, timeout: float = 240.0) -> None:
