@@ -139,7 +139,8 @@ def _record(report, row: dict) -> dict:
                 gamma=op.gamma, dense_weights_sha256=getattr(report, "dense_weights_sha256", None))
 
 
-def collect(args, log=print) -> tuple[TableSetting, list]:
+def collect(args, log=print) -> tuple[TableSetting, list, list]:
+    """The setting, the records of the runs made or read back, and the runs not made yet (with --finished-only)."""
     setting = SETTINGS[args.setting]
     modes = args.modes.split(",") if args.modes else setting.modes
     methods = args.methods.split(",") if args.methods else setting.methods
@@ -147,7 +148,12 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
     if unknown:
         raise SystemExit(f"--methods: {sorted(unknown)} not in the setting's methods {setting.methods}")
     make = not args.finished_only
-    records = []
+    records, missing = [], []
+
+    def not_made(what):
+        missing.append(what)
+        log(f"not made yet: {what}")
+
     for model, target in setting.rows:
         if args.models and model not in args.models.split(","):
             continue
@@ -156,7 +162,7 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
         for seed in seeds:
             dense = _Dense(setting, model, seed, args, root, log)
             if not make and not dense.known():
-                log(f"not made yet: {model} seed {seed} (dense)")
+                not_made(f"{model} seed {seed} (dense)")
                 continue
 
             def run(cfg, dense=dense):
@@ -174,7 +180,7 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
                 # Catalyst fixes its baselines' target, so it is made (or read) even when only baselines are asked for
                 report = run(cat)
                 if report is None:
-                    log(f"not made yet: {model} {target}x {mode} seed {seed} (catalyst and its baselines)")
+                    not_made(f"{model} {target}x {mode} seed {seed} (catalyst and its baselines)")
                     continue
                 row = {"model": model, "target": target, "mode": mode, "seed": seed}
                 if "catalyst" in methods:
@@ -187,10 +193,10 @@ def collect(args, log=print) -> tuple[TableSetting, list]:
                     b = replace(b, out=str(root / f"seed{seed}" / f"{method}-{mode}-{target}x-{_runs.config_key(b)}"))
                     done = run(b)
                     if done is None:
-                        log(f"not made yet: {model} {target}x {mode} seed {seed} ({method})")
+                        not_made(f"{model} {target}x {mode} seed {seed} ({method})")
                         continue
                     records.append(_record(done, dict(row, method=method)))
-    return setting, records
+    return setting, records, missing
 
 
 def dense_mismatches(records: list) -> list:
@@ -261,7 +267,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.ledger = (Path(args.results_dir) / "ledger" if args.ledger is None
                    else None if args.ledger.lower() == "none" else Path(args.ledger))
-    setting, records = collect(args)
+    setting, records, missing = collect(args)
     if args.no_write:
         return 0
     md = ("Mean ± std over seeds. Accuracies (%) with BatchNorm statistics re-estimated; 'at prune step' is the "
@@ -283,8 +289,8 @@ def main(argv=None) -> int:
                   for m in models)
               + ("" if setting.train_limit is None else f", first {setting.train_limit} training samples")
               + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}."
-              + (" **Partial**: `--finished-only`, the runs finished so far (the 'runs' column counts them)."
-                 if args.finished_only else "") + "\n\n")
+              + (f" **Partial**: {len(missing)} of the setting's runs not made yet; the 'runs' column counts the ones "
+                 "tabulated." if missing else "") + "\n\n")
     if args.no_prune_pull:
         header = header.replace("\n\n", " Catalyst **without the prune side's pull** (`--no-prune-pull`).\n\n", 1)
     out = Path(args.results_dir)

@@ -66,8 +66,8 @@ def test_paper_table_smoke_and_its_partial_tables(tmp_path):
             assert b["flops_ratio"] >= cat["flops_ratio"] * 0.97, (b, cat)
         assert "**Partial**" not in md and f"| small_cnn | 1.5x | {mode} | catalyst | 1 |" in md
     # the finished runs are read back, not made again
-    again, _, out = _paper_table(tmp_path, tmp_path / "runs", "--finished-only")
-    assert again["records"] == records and "not made yet" not in out
+    again, md, out = _paper_table(tmp_path, tmp_path / "runs", "--finished-only")
+    assert again["records"] == records and "not made yet" not in out and "**Partial**" not in md  # complete
     # the ledger outlives the runs directory: with the runs gone, the table is read back from it, and a run
     # missing from it is made again from a dense model remade bit for bit (the ledger keeps no weights)
     ledger = tmp_path / "results" / "ledger"
