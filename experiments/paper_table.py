@@ -289,8 +289,8 @@ def main(argv=None) -> int:
                   for m in models)
               + ("" if setting.train_limit is None else f", first {setting.train_limit} training samples")
               + f". {_runs.environment()['date']}, torch {_runs.torch.__version__}."
-              + (f" **Partial**: {len(missing)} of the setting's runs not made yet; the 'runs' column counts the ones "
-                 "tabulated." if missing else "") + "\n\n")
+              + (" **Partial**, not made yet: " + "; ".join(missing) + " (the 'runs' column counts the runs tabulated)."
+                 if missing else "") + "\n\n")
     if args.no_prune_pull:
         header = header.replace("\n\n", " Catalyst **without the prune side's pull** (`--no-prune-pull`).\n\n", 1)
     out = Path(args.results_dir)
