@@ -26,3 +26,11 @@ require_free_space() {
     _require "$tmp" "$3" "$4 (its downloads, under TMPDIR)"
   fi
 }
+
+# require_free_space_for_env VENV TOTAL_GIB TMP_GIB WHAT: require_free_space for a virtual environment that
+# does not have torch yet; an environment that already imports torch is reused, and a rerun needs no room.
+require_free_space_for_env() {
+  if ! { [ -x "$1/bin/python" ] && "$1/bin/python" -c "import torch" 2>/dev/null; }; then
+    require_free_space "$@"
+  fi
+}

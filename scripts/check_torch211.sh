@@ -24,9 +24,7 @@ step() { echo "== check_torch211: $* ($(date -u +%H:%M:%S))"; }
 step "environment with torch 2.11.0 in $VENV"
 . "$ROOT/scripts/_disk.sh"
 # Measured on a fresh 2-core machine (2026-12-04): 7.2 GiB at the peak of the install, 4.9 GiB after.
-if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; }; then
-  require_free_space "$VENV" 8 3 "the torch 2.11 environment (the CUDA build of torch 2.11.0)"
-fi
+require_free_space_for_env "$VENV" 8 3 "the torch 2.11 environment (the CUDA build of torch 2.11.0)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # --isolated: the CUDA build of torch from the registry, whatever the machine's pip settings (see setup.sh)
 "$VENV/bin/python" -m pip install --isolated --disable-pip-version-check -q \

@@ -8,9 +8,7 @@ PYTHON=${PYTHON:-python3}
 . scripts/_disk.sh
 # Measured on a fresh 2-core machine (2026-12-04): 8.1 GiB at the peak of the install (the downloaded wheels
 # beside what is unpacked from them), 5.4 GiB after.
-if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; }; then
-  require_free_space .venv 9 4 "a fresh ./.venv (the CUDA build of torch and the pinned dependencies)"
-fi
+require_free_space_for_env .venv 9 4 "a fresh ./.venv (the CUDA build of torch and the pinned dependencies)"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

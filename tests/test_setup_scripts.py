@@ -1,6 +1,7 @@
 """The set-up scripts' free-space check (scripts/_disk.sh): a clear error before pip runs out of disk."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,16 @@ def test_a_tmpdir_on_another_filesystem_is_checked_for_the_downloads(tmp_path):
     out = _require(str(tmp_path), 0, 10**9, tmpdir=str(shm))
     assert out.returncode == 1 and "the test env (its downloads, under TMPDIR) needs about" in out.stderr
     assert _require(str(tmp_path), 0, 0, tmpdir=str(shm)).returncode == 0
+
+
+def test_an_environment_that_already_has_torch_is_reused_without_the_check(tmp_path):
+    env_dir = tmp_path / "env"
+    (env_dir / "bin").mkdir(parents=True)
+    python = env_dir / "bin" / "python"  # runs this interpreter, which imports torch (a symlink would lose its venv)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    script = '. scripts/_disk.sh; require_free_space_for_env "$1" 1000000000 0 "the test env"; echo passed'
+    reused = subprocess.run(["bash", "-c", script, "_", str(env_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert reused.returncode == 0 and reused.stdout.strip() == "passed", reused.stderr
+    fresh = subprocess.run(["bash", "-c", script, "_", str(tmp_path / "fresh")], cwd=ROOT, capture_output=True, text=True)
+    assert fresh.returncode == 1 and "the test env needs about 1000000000 GiB free" in fresh.stderr
